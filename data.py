@@ -1,0 +1,281 @@
+"""
+Data for every training stage.
+
+- Shapes: a synthetic captioned dataset, generated procedurally and deterministically from an index (no
+  files, no downloads): one shape (circle, square, triangle) of a colour on a background colour, at a
+  random position and size, captioned "a red circle on a blue background". Some (shape, colour,
+  background) combinations are held out of training (split="heldout") so that generalisation to unseen
+  combinations of seen attributes can be measured.
+- check_attributes: reads shape, colour and background back from pixels, analytically (no learned
+  weights): the tiny run's quality metric.
+- ImageFolder: real data, as diffusers' train_text_to_image.py lays it out (metadata.jsonl with
+  file_name/text) or as image + same-name .txt caption sidecars; resized and centre-cropped.
+
+Images are float tensors (3, H, W) in [-1, 1]; a dataset item is (image, caption).
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic captioned shapes
+# ----------------------------------------------------------------------------------------------------
+
+COLORS = {                        # RGB; far apart so that the checker's nearest-colour reading is unambiguous
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 180),
+    "white": (240, 240, 240),
+}
+SHAPES = ("circle", "square", "triangle")
+STYLES = ("plain", "striped")     # "striped": the style variant for the §5.4 style-LoRA experiments
+
+
+def all_combos():
+    return [(s, c, b) for s in SHAPES for c in COLORS for b in COLORS if b != c]
+
+
+def heldout_combos():
+    """Every 10th combination in a fixed shuffled order: 9 of 90. Each held-out triple's attributes, and each
+    of its pairs (shape+colour, colour+background, ...), still appear in training."""
+    combos = all_combos()
+    random.Random(0).shuffle(combos)
+    return sorted(combos[::10])
+
+
+def caption(shape: str, color: str, background: str, style: str = "plain") -> str:
+    text = f"a {color} {shape} on a {background} background"
+    return text if style == "plain" else f"{text} in {style} style"
+
+
+def parse_caption(text: str) -> dict:
+    """The attributes a caption asks for (inverse of `caption`)."""
+    words = text.replace(",", " ").split()
+    try:
+        color, shape = words[1], words[2]
+        background = words[words.index("on") + 2]
+    except (IndexError, ValueError):
+        raise ValueError(f"caption {text!r} is not of the form 'a <color> <shape> on a <color> background'")
+    return {"shape": shape, "color": color, "background": background}
+
+
+def render(shape, color, background, cx, cy, r, resolution, style="plain", supersample=4) -> torch.Tensor:
+    """One image (3, R, R) in [-1, 1]; centre (cx, cy) and radius r in units of the image side.
+    Rendered at `supersample` x resolution and box-filtered, so edges are anti-aliased like a photo's."""
+    n = resolution * supersample
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    dx, dy = (x - cx) / r, (y - cy) / r                              # in units of the radius
+    if shape == "circle":
+        mask = dx.square() + dy.square() <= 1.0
+    elif shape == "square":
+        mask = torch.maximum(dx.abs(), dy.abs()) <= 0.85
+    elif shape == "triangle":                                        # apex up: y from -1 (apex) to 0.5 (base)
+        mask = (dy <= 0.5) & (dx.abs() <= 0.866 * (dy + 1.0) / 1.5)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    mask = mask.float()
+    if style == "striped":                                           # diagonal stripes cut into the shape
+        mask = mask * (((x + y) * resolution / 6.0).floor() % 2 == 0).float()
+    fg = torch.tensor(COLORS[color], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+    bg = torch.tensor(COLORS[background], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+    img = bg + (fg - bg) * mask                                      # (3, n, n)
+    return F.avg_pool2d(img[None], supersample)[0]                   # (3, R, R)
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Deterministic synthetic (image, caption) pairs: item i is always the same picture.
+    split: "train" (the 81 training combinations), "heldout" (the 9 held-out ones), or "all".
+    style: "plain", "striped", or "mixed" (half of each; captions say which)."""
+
+    def __init__(self, split: str = "train", resolution: int = 64, size: int = 100_000, seed: int = 0,
+                 style: str = "plain"):
+        held = set(heldout_combos())
+        if split == "train":
+            self.combos = [c for c in all_combos() if c not in held]
+        elif split == "heldout":
+            self.combos = sorted(held)
+        elif split == "all":
+            self.combos = all_combos()
+        else:
+            raise ValueError(f"Shapes split = {split!r}, expected 'train', 'heldout' or 'all'")
+        if style not in STYLES + ("mixed",):
+            raise ValueError(f"Shapes style = {style!r}, expected one of {STYLES + ('mixed',)}")
+        self.resolution, self.size, self.seed, self.style = resolution, size, seed, style
+        self.offset = {"train": 0, "heldout": 10**9, "all": 2 * 10**9}[split]   # disjoint random streams
+
+    def __len__(self):
+        return self.size
+
+    def attributes(self, i: int) -> dict:
+        rng = random.Random(self.seed * 10**10 + self.offset + i)
+        shape, color, background = self.combos[rng.randrange(len(self.combos))]
+        r = rng.uniform(0.2, 0.32)                                   # radius, in image sides
+        m = r + 0.04                                                 # keep clear of the border (checker reads bg there)
+        style = self.style if self.style != "mixed" else STYLES[rng.randrange(2)]
+        return dict(shape=shape, color=color, background=background, style=style,
+                    cx=rng.uniform(m, 1 - m), cy=rng.uniform(m, 1 - m), r=r)
+
+    def __getitem__(self, i: int):
+        a = self.attributes(i)
+        img = render(a["shape"], a["color"], a["background"], a["cx"], a["cy"], a["r"], self.resolution, a["style"])
+        return img, caption(a["shape"], a["color"], a["background"], a["style"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attribute checker (analytic)
+# ----------------------------------------------------------------------------------------------------
+
+_PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1     # (6, 3)
+_NAMES = list(COLORS)
+
+
+def nearest_color(rgb: torch.Tensor) -> str:
+    return _NAMES[int((_PALETTE - rgb.view(1, 3)).square().sum(1).argmin())]
+
+
+def check_attributes(img: torch.Tensor) -> dict:
+    """Read shape, colour, background (and whether it is striped) back from an image (3, H, W) in [-1, 1].
+    background: the median colour of a 2-pixel border (shapes keep clear of it).
+    colour: the median of pixels far from the background colour (the shape), nearest palette colour.
+    shape: from how much of its bounding box the shape fills: square 1.0, circle pi/4 = 0.79,
+           triangle 0.5 (thresholds halfway between).
+    style: striped if a third or more of the pixels inside the shape's convex extent are background."""
+    img = img.float().clamp(-1, 1)
+    h, w = img.shape[-2:]
+    border = torch.cat([img[:, :2].flatten(1), img[:, -2:].flatten(1), img[:, :, :2].flatten(1),
+                        img[:, :, -2:].flatten(1)], dim=1)                               # (3, n)
+    bg_rgb = border.median(dim=1).values
+    dist = (img - bg_rgb.view(3, 1, 1)).square().sum(0).sqrt()                          # (H, W)
+    mask = dist > 0.5                                                                   # clearly not background
+    if mask.sum() < 4:
+        return {"shape": None, "color": None, "background": nearest_color(bg_rgb), "style": None}
+    fg_rgb = img[:, mask].median(dim=1).values
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    box_h, box_w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+    rows = mask[ys.min():ys.max() + 1]                                                  # (box_h, W)
+    # Fill of the shape's own row extents (robust to stripes): for each row, first..last shape pixel.
+    has = rows.any(1)
+    first = torch.where(has, rows.float().argmax(1), torch.zeros_like(has, dtype=torch.long))
+    last = torch.where(has, w - 1 - rows.flip(1).float().argmax(1), torch.zeros_like(has, dtype=torch.long))
+    extent = ((last - first + 1) * has).sum().item()
+    fill = extent / (box_h * box_w)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    striped = mask.sum().item() < 0.75 * extent
+    return {"shape": shape, "color": nearest_color(fg_rgb), "background": nearest_color(bg_rgb),
+            "style": "striped" if striped else "plain"}
+
+
+def attribute_accuracy(images: torch.Tensor, captions: list[str]) -> dict:
+    """Fraction of images whose checked shape / colour / background match their captions."""
+    hits = {"shape": 0, "color": 0, "background": 0}
+    for img, text in zip(images, captions):
+        want, got = parse_caption(text), check_attributes(img)
+        for k in hits:
+            hits[k] += want[k] == got[k]
+    return {k: v / max(len(captions), 1) for k, v in hits.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real data: an image folder
+# ----------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution` (bicubic), centre-crop, -> (3, R, R) in [-1, 1]."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
+                       Image.BICUBIC)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Captioned images from a folder: `metadata.jsonl` lines {"file_name": ..., "text": ...} (diffusers'
+    layout), else every image with a same-name .txt sidecar (a missing sidecar means an empty caption,
+    which classifier-free guidance training uses anyway). An image that cannot be read is skipped (the
+    next one is used) and counted in `self.skipped`, so a long run never dies on one bad file."""
+
+    def __init__(self, root: str, resolution: int):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder {root!r} does not exist")
+        self.root, self.resolution, self.skipped = root, resolution, 0
+        meta = os.path.join(root, "metadata.jsonl")
+        items = []
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        items.append((os.path.join(root, rec["file_name"]), str(rec.get("text", ""))))
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise ValueError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}, got {line.strip()[:80]!r} ({e})")
+        else:
+            for name in sorted(os.listdir(root)):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in IMAGE_EXTS:
+                    txt = os.path.join(root, stem + ".txt")
+                    text = open(txt).read().strip() if os.path.isfile(txt) else ""
+                    items.append((os.path.join(root, name), text))
+        self.items = [(p, t) for p, t in items if os.path.isfile(p)]
+        if not self.items:
+            raise ValueError(f"data folder {root!r} has no usable images (looked for metadata.jsonl, "
+                             f"or {'/'.join(IMAGE_EXTS)} files)")
+        if len(self.items) < len(items):
+            print(f"data: {len(items) - len(self.items)} files listed in {meta} are missing; skipped")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        for k in range(len(self.items)):
+            path, text = self.items[(i + k) % len(self.items)]
+            try:
+                return load_image(path, self.resolution), text
+            except Exception as e:                               # corrupt / truncated / not an image
+                self.skipped += 1
+                print(f"data: skipping unreadable image {path} ({type(e).__name__}: {e}); {self.skipped} skipped so far")
+        raise ValueError(f"data folder {self.root!r}: none of its {len(self.items)} images could be read")
+
+
+def make_dataset(data: str, split: str, resolution: int, style: str = "plain"):
+    """'shapes' -> the synthetic dataset; anything else is an image folder path."""
+    if data == "shapes":
+        return Shapes(split, resolution, style=style)
+    return ImageFolder(data, resolution)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures out
+# ----------------------------------------------------------------------------------------------------
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    arr = ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> Image.Image:
+    """(N, 3, H, W) in [-1, 1] -> one PIL image, `nrow` images per row, white gutters."""
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(to_pil(img), (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
+    return grid
