@@ -14,6 +14,8 @@ What lives here, in the paper's order:
   3.3  convolution optimisations: separable (ConvNeXt-like, 3x3 depthwise) blocks everywhere but the
        outermost levels (conv_type per level), and pruned residual blocks (down_layers: 1 per level
        except the innermost)
+  3    the text encoder: CLIP-ViT/L14's text transformer and BPE tokenizer, written out (TextEncoder,
+       TextEncoder.from_pretrained for real weights), and a byte-level tiny one (TEXT_PRESETS)
   3.4  the presets of Table 1 / Table 6 (PRESETS: "md", "md-lite", "sd" baseline, "tiny") and the cost
        accounting of Table 1 (count_macs, table1)
 
@@ -54,6 +56,8 @@ class UNetConfig:
     cross_attn: tuple = (False, True, True)     # 3.2: CA kept at 32x32 (cheap: 77 text tokens)
     mid_block: bool = False                     # 3.4: MD merges SD's middle block into the innermost level
     mid_depth: int = 1                          # SA+CA layers in the mid block (SD: 1), if mid_block
+    pooled_text: bool = False                   # add the mean text embedding to the time embedding (SDXL/Imagen
+                                                # do; MD does not say so: off for md, see the tiny preset)
     # --- 3.2 transformer ----------------------------------------------------------------------------
     head_dim: int = 64               # channels per attention head (SD-1.5 uses 8 heads; 64/head is common)
     shared_kv: bool = True           # 3.2: W_K = W_V in self-attention (~5% fewer params)
@@ -353,6 +357,7 @@ class UNet(nn.Module):
         ch, n = cfg.channels, len(cfg.channels)
         c_time = 4 * ch[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], c_time), nn.SiLU(), nn.Linear(c_time, c_time))
+        self.text_to_time = nn.Linear(cfg.context_dim, c_time) if cfg.pooled_text else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         skips, c = [ch[0]], ch[0]                     # channels of every tensor pushed on the skip stack
@@ -431,6 +436,8 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
 
         temb = self.time_mlp(timestep_embedding(t, cfg.channels[0]).to(x.dtype))  # (B, 4*C0)
+        if self.text_to_time is not None:                         # global text conditioning of every conv block
+            temb = temb + self.text_to_time(context.mean(dim=1))   # (B, L, ctx) -> (B, ctx) -> (B, 4*C0)
         h = self.conv_in(x)                                       # (B, C0, H, W)
         skips = [h]
         for i in range(n):
@@ -449,6 +456,232 @@ class UNet(nn.Module):
             if j < n - 1:
                 h = self.upsample[j](h)                           # (B, C_i, 2x, 2x)
         return self.conv_out(F.silu(self.norm_out(h)))           # (B, in_channels, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3 (intro) The text encoder: "We employ the CLIP-ViT/L14 as the text encoder"
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "clip"          # "clip": CLIP's BPE (vocab.json + merges.txt); "bytes": UTF-8 bytes, no files
+    vocab_size: int = 49408          # CLIP; bytes: 256 + 3 specials
+    max_len: int = 77                # CLIP's context: 77 tokens including <start>/<end>
+    width: int = 768                 # CLIP-ViT/L14 text width = UNetConfig.context_dim
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    bos_id: int = 49406              # <|startoftext|>
+    eos_id: int = 49407              # <|endoftext|>, also the padding token (SD's convention)
+    pad_id: int = 49407
+    train: bool = False              # 3: CLIP stays frozen; the tiny byte-level encoder is trained jointly
+
+
+TEXT_PRESETS = {
+    "clip-l14": TextConfig(),
+    # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet:
+    # a frozen *random* encoder also works but gives the UNet a harder readout (the colour word is spread
+    # over 3-6 byte positions of a random mixing), which costs accuracy in a 10-minute CPU budget.
+    "tiny": TextConfig(tokenizer="bytes", vocab_size=259, width=128, layers=2, heads=4, bos_id=256, eos_id=257,
+                       pad_id=258, train=True),
+}
+
+
+def _bytes_to_unicode() -> dict:
+    """CLIP/GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """CLIP's tokenizer, written out: lower-case, whitespace-clean, split into words (letters / single digits /
+    punctuation runs), map bytes to unicode, apply BPE merges by rank with '</w>' marking word ends; then
+    <start> ids <end>, truncated (with a warning) and padded to max_len.
+    With cfg.tokenizer == "bytes": the UTF-8 bytes are the ids (no files)."""
+
+    def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
+        import re
+        self.cfg, self.warned = cfg, False
+        if cfg.tokenizer == "bytes":
+            return
+        import json as _json
+        if not (vocab_path and merges_path):
+            raise ValueError("TextConfig.tokenizer = 'clip' needs vocab.json and merges.txt (a local CLIP folder)")
+        with open(vocab_path) as f:
+            self.encoder = _json.load(f)
+        with open(merges_path) as f:
+            lines = f.read().split("\n")
+        merges = [tuple(l.split()) for l in lines[1:] if len(l.split()) == 2]   # line 0 is a version header
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = _bytes_to_unicode()
+        self.cache = {}
+        # CLIP's pattern uses \p{L}/\p{N} (the `regex` package); [^\W\d_] / \d are the same classes in `re`.
+        self.pat = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+",
+                              re.IGNORECASE)
+
+    def bpe(self, word: str) -> list[str]:
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(self.ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank == float("inf"):
+                break
+            a, b = parts[i], parts[i + 1]
+            merged, j = [], 0                                     # merge every occurrence of (a, b)
+            while j < len(parts):
+                if j < len(parts) - 1 and parts[j] == a and parts[j + 1] == b:
+                    merged.append(a + b)
+                    j += 2
+                else:
+                    merged.append(parts[j])
+                    j += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def ids(self, text: str) -> list[int]:
+        if self.cfg.tokenizer == "bytes":
+            return list(text.encode("utf-8"))
+        text = " ".join(text.split()).lower()
+        out = []
+        for word in self.pat.findall(text):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            out += [self.encoder[p] for p in self.bpe(word)]
+        return out
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_len) token ids: <start> ... <end> <pad> ..."""
+        cfg, rows = self.cfg, []
+        for p in prompts:
+            ids = self.ids(p)
+            if len(ids) > cfg.max_len - 2:
+                if not self.warned:
+                    print(f"warning: prompt truncated to {cfg.max_len} tokens: {p[:60]!r}...")
+                    self.warned = True
+                ids = ids[:cfg.max_len - 2]
+            ids = [cfg.bos_id] + ids + [cfg.eos_id]
+            rows.append(ids + [cfg.pad_id] * (cfg.max_len - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(cfg.width, cfg.width) for _ in range(4))
+
+    def forward(self, x, mask):                                   # x (B, L, D), mask (L, L) additive
+        q, k, v = (rearrange(p(x), "b l (h d) -> b h l d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask).softmax(-1)   # (B, h, L, L)
+        return self.out_proj(rearrange(a @ v, "b h l d -> b l (h d)"))
+
+
+class CLIPLayer(nn.Module):
+    """Pre-LN transformer layer with CLIP's quick-gelu MLP, x * sigmoid(1.702 x)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layer_norm1, self.self_attn = nn.LayerNorm(cfg.width), CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
+        self.mlp.fc2 = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+
+    def forward(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        h = self.mlp.fc1(self.layer_norm2(x))
+        return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h))
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer: token + position embeddings, causal pre-LN layers, final LayerNorm; the
+    whole last hidden state (B, 77, D) conditions the UNet, as in SD. Parameter names match Hugging Face's
+    CLIPTextModel ('text_model.*'), so real CLIP-ViT/L14 weights load as they are.
+    Call it with a list of prompts: encoder(["a red circle ..."]) -> (B, max_len, width)."""
+
+    def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = Tokenizer(cfg, vocab_path, merges_path)
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.text_model.embeddings.position_embedding = nn.Embedding(cfg.max_len, cfg.width)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
+        self.text_model.final_layer_norm = nn.LayerNorm(cfg.width)
+        self.register_buffer("causal", torch.full((cfg.max_len, cfg.max_len), float("-inf")).triu(1), persistent=False)
+        nn.init.normal_(self.text_model.embeddings.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.text_model.embeddings.position_embedding.weight, std=0.01)
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:     # (B, L) -> (B, L, D)
+        tm, L = self.text_model, ids.shape[1]
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[:L]
+        mask = self.causal[:L, :L].to(x.dtype)
+        for layer in tm.encoder.layers:
+            x = layer(x, mask)
+        return tm.final_layer_norm(x)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        device = self.text_model.final_layer_norm.weight.device
+        return self.encode_ids(self.tokenizer(list(prompts)).to(device))
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "TextEncoder":
+        """A local Hugging Face CLIP folder (openai/clip-vit-large-patch14 or an SD checkpoint's
+        text_encoder/ + tokenizer/): config.json, model.safetensors or pytorch_model.bin, vocab.json,
+        merges.txt. The weights are frozen (3: the paper keeps CLIP fixed)."""
+        import json as _json
+        import os
+        folder = os.path.join(folder, "text_encoder") if os.path.isdir(os.path.join(folder, "text_encoder")) else folder
+        tok = next((d for d in (folder, os.path.join(os.path.dirname(folder.rstrip("/")), "tokenizer"))
+                    if os.path.isfile(os.path.join(d, "vocab.json"))), None)
+        if tok is None:
+            raise FileNotFoundError(f"{folder}: no vocab.json / merges.txt here or in ../tokenizer")
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face CLIP folder)")
+        with open(cfg_path) as f:
+            hf = _json.load(f)
+        hf = hf.get("text_config", hf)                            # a full CLIPModel nests the text config
+        if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise ValueError(f"{cfg_path}: hidden_act = {hf['hidden_act']!r}; this encoder implements CLIP's quick_gelu")
+        cfg = TextConfig(vocab_size=hf.get("vocab_size", 49408), max_len=hf.get("max_position_embeddings", 77),
+                         width=hf.get("hidden_size", 768), layers=hf.get("num_hidden_layers", 12),
+                         heads=hf.get("num_attention_heads", 12),
+                         mlp_ratio=hf.get("intermediate_size", 3072) // hf.get("hidden_size", 768),
+                         bos_id=hf.get("bos_token_id", 49406), eos_id=hf.get("eos_token_id", 49407),
+                         pad_id=hf.get("eos_token_id", 49407))
+        model = cls(cfg, os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt"))
+        st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(st):
+            try:
+                from safetensors.torch import load_file
+            except ImportError as e:
+                raise ImportError(f"{st} needs the optional package safetensors: pip install safetensors") from e
+            sd = load_file(st)
+        elif os.path.isfile(pt):
+            sd = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{folder}: neither model.safetensors nor pytorch_model.bin")
+        # Keys are "text_model.*" in CLIPModel and in transformers-4 CLIPTextModel files, bare ("encoder.*") in
+        # transformers-5 ones; the vision tower and projections of a full CLIPModel are not needed.
+        bare = ("embeddings.", "encoder.", "final_layer_norm.")
+        sd = {("text_model." + k if k.startswith(bare) else k): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if k.startswith("text_model.") and "position_ids" not in k}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing:
+            raise ValueError(f"{folder}: weights do not fit a CLIP text model of width {cfg.width}, "
+                             f"{cfg.layers} layers: missing {missing[:4]}")
+        return model.requires_grad_(False).eval()
 
 
 # ----------------------------------------------------------------------------------------------------

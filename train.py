@@ -7,6 +7,9 @@ needed to resume bit-identically.
 Stages (--stage):
   vae       3.5: train the VAE (L2 + KL + perceptual + adversarial)
   decoder   3.5: distil the light decoder from a trained VAE, encoder frozen
+  diffusion 3 + 5.1: latent diffusion training of the MD UNet (v-prediction, CFG dropout, EMA)
+  ufogen    4: one-step generator by UFOGen adversarial finetuning (ufogen.py), full or LoRA
+  distill   abstract: 8-step student distilled from the guided DDIM-50 teacher
   all       (default) the tiny end-to-end run on synthetic data: every stage above in order, on CPU
 
 Tiny (CPU, minutes):     python train.py
@@ -17,6 +20,7 @@ with the prefix --vae_ (e.g. --vae_latent_channels 8).
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -32,12 +36,13 @@ from tqdm import tqdm
 
 import data
 import md
+import ufogen
 import vae as vae_lib
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"               # vae | decoder | all
+    stage: str = "all"               # vae | decoder | diffusion | ufogen | distill | all
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
     data: str = "shapes"             # "shapes" (synthetic) or an image folder (metadata.jsonl or .txt sidecars)
@@ -56,7 +61,16 @@ class TrainConfig:
     dtype: str = "auto"              # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16
     compile: bool = False            # torch.compile the trained network
     resume: bool = False             # continue this stage from out_dir/<stage>.pt
-    init_from: str = ""              # weights to start from (decoder: the trained VAE checkpoint)
+    init_from: str = ""              # weights to start from: decoder <- a vae.pt; diffusion <- a diffusion.pt
+                                     # (5.1's 256 -> 512px schedule; 3.2's softmax -> relu finetune)
+    vae_ckpt: str = ""               # diffusion: our vae.pt / decoder.pt (default: out_dir/decoder.pt, else vae.pt)
+    vae_diffusers: str = ""          # diffusion: a local diffusers AutoencoderKL folder instead (e.g. SD's, c=4)
+    text_encoder: str = ""           # diffusion: a local Hugging Face CLIP folder (3: CLIP-ViT/L14, frozen);
+                                     # empty = the preset's own (tiny: byte-level, trained jointly)
+    p_uncond: float = 0.1            # classifier-free guidance: fraction of captions dropped to "" in training
+    ema_decay: float = 0.999         # EMA of the trained weights (paper scale: 0.9999)
+    guidance: float = 3.0            # 5.2: CFG scale ~3 for the evaluation samples
+    eval_steps: int = 50             # 5.2: DDIM 50 steps for the evaluation
     vgg_weights: str = ""            # local VGG16 state dict for the perceptual loss (3.5); empty = no perceptual term
     log_every: int = 25
     sample_every: int = 500          # sample / reconstruction grid every N steps (0 = only at the end)
@@ -67,7 +81,11 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | mps
 
 
+STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run for each stage
+    "diffusion": (1500, 1e-3, 32),   # 5.1: AdamW lr 1e-3
+    "ufogen": (300, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D
+    "distill": (300, 1e-4, 16),
     "vae": (850, 1e-3, 16),          # ~2.7 min on 2 cores -> ~25 dB held-out PSNR
     "decoder": (1000, 1e-3, 16),     # ~2.7 min; the light decoder (0.45x the MACs) within 1.5 dB
 }
@@ -513,6 +531,429 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stage: diffusion (3: latent diffusion with the MD UNet; 5.1 optimisation; CFG training)
+# ----------------------------------------------------------------------------------------------------
+
+class Denoiser(torch.nn.Module):
+    """What the diffusion stage trains: the UNet, plus the text encoder when it is trained jointly (tiny).
+    One module, so DDP, EMA and checkpoints treat both alike. forward(x_t, t, token ids) -> v."""
+
+    def __init__(self, unet: md.UNet, text: md.TextEncoder):
+        super().__init__()
+        self.unet, self.text = unet, text
+
+    def forward(self, x, t, ids):
+        if self.text.cfg.train:
+            ctx = self.text.encode_ids(ids)
+        else:
+            with torch.no_grad():                                 # 3: CLIP stays frozen
+                ctx = self.text.encode_ids(ids)
+        return self.unet(x, t, ctx)
+
+
+def build_text_encoder(cfg: TrainConfig) -> md.TextEncoder:
+    if cfg.text_encoder:
+        return md.TextEncoder.from_pretrained(cfg.text_encoder)
+    if cfg.preset != "tiny":
+        raise ValueError(f"--preset {cfg.preset} conditions on CLIP-ViT/L14 (3): give a local Hugging Face CLIP folder "
+                         f"with --text_encoder path/to/clip-vit-large-patch14 (no downloads at run time)")
+    return md.TextEncoder(md.TEXT_PRESETS["tiny"])
+
+
+def build_vae_for_diffusion(cfg: TrainConfig) -> vae_lib.VAE:
+    if cfg.vae_diffusers:
+        return vae_lib.VAE.from_diffusers(cfg.vae_diffusers).eval()
+    path = cfg.vae_ckpt or next((p for p in (os.path.join(cfg.out_dir, "decoder.pt"), os.path.join(cfg.out_dir, "vae.pt"))
+                                 if os.path.isfile(p)), os.path.join(cfg.out_dir, "vae.pt"))
+    return load_vae(path)
+
+
+def check_compatible(unet_cfg: md.UNetConfig, vae: vae_lib.VAE, text: md.TextEncoder) -> None:
+    if unet_cfg.in_channels != vae.cfg.latent_channels:
+        raise ValueError(f"UNetConfig.in_channels = {unet_cfg.in_channels} but the VAE has {vae.cfg.latent_channels} "
+                         f"latent channels (set --in_channels {vae.cfg.latent_channels})")
+    if unet_cfg.context_dim != text.cfg.width:
+        raise ValueError(f"UNetConfig.context_dim = {unet_cfg.context_dim} but the text encoder's width is "
+                         f"{text.cfg.width} (set --context_dim {text.cfg.width})")
+
+
+def heldout_prompts(cfg: TrainConfig, n: int) -> list[str]:
+    """Captions of the held-out split: attribute combinations never seen in training."""
+    ds = data.make_dataset(cfg.data, "heldout", cfg.resolution)
+    return [ds[i][1] for i in range(min(n, len(ds)))]
+
+
+@torch.no_grad()
+def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, **sample_kw) -> dict:
+    """Attribute accuracy (data.check_attributes vs the prompt) of generated images, and wall ms per image."""
+    images, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        images.append(pipe.images(prompts[i:i + batch], seed=i, **sample_kw).cpu())
+    ms = 1000 * (time.perf_counter() - t0) / len(prompts)
+    images = torch.cat(images)
+    return {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}, images
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+
+def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world: int, device: str) -> str:
+    """Latent diffusion training of the MD UNet: v-prediction on VAE latents (sample.py explains the
+    choice), text dropped with probability p_uncond for classifier-free guidance, AdamW (5.1), EMA."""
+    import copy
+    import sample as S
+    steps, base_lr = cfg.steps, cfg.lr
+    ckpt_path = os.path.join(cfg.out_dir, "diffusion.pt")
+    vae = build_vae_for_diffusion(cfg).to(device).requires_grad_(False)
+    text = build_text_encoder(cfg)
+    check_compatible(unet_cfg, vae, text)
+    model = Denoiser(md.UNet(unet_cfg), text).to(device)
+    sched = S.make_schedule()
+    if cfg.init_from:                                              # progressive 256->512, or softmax->relu (3.2)
+        ck = load_checkpoint(cfg.init_from)
+        if "unet" not in ck.get("config", {}):
+            raise ValueError(f"{cfg.init_from}: not a diffusion checkpoint (no config['unet'])")
+        refuse_if_mismatch(cfg.init_from, "UNet", ck["config"]["unet"], unet_cfg, ignore=("attn_act", "dropout"))
+        load_denoiser_state(model, ck["ema"], cfg.init_from)      # the EMA weights are the model to continue from
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg, base_lr)
+    start = 0
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path)
+        refuse_if_mismatch(ckpt_path, "UNet", ck["config"]["unet"], unet_cfg)
+        refuse_if_mismatch(ckpt_path, "text encoder", ck["config"]["text"], text.cfg)
+        load_denoiser_state(model, ck["model"], ckpt_path)
+        load_denoiser_state(ema, ck["ema"], ckpt_path)
+        opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+    if rank == 0:
+        n_unet, n_text = md.count_params(model.unet), sum(p.numel() for p in text.parameters() if p.requires_grad)
+        print(f"diffusion: UNet {n_unet / 1e6:.1f}M params (+{n_text / 1e6:.2f}M trained text encoder), "
+              f"{md.count_macs(model.unet, torch.zeros(1, unet_cfg.in_channels, cfg.resolution // 8, cfg.resolution // 8, device=device), torch.zeros(1, device=device), torch.zeros(1, 77, unet_cfg.context_dim, device=device)) / 1e9:.2f} GMACs/eval at {cfg.resolution}px")
+    net = wrap(model, cfg, world, device)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    stream = batches(dataset, cfg, rank, world, start, device)
+    log = Log(cfg.out_dir, "diffusion", steps, start, rank)
+    per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
+    lat = (unet_cfg.in_channels, cfg.resolution // vae.cfg.factor, cfg.resolution // vae.cfg.factor)
+    grid_prompts = heldout_prompts(cfg, 8) + [dataset[i][1] for i in range(8)] if cfg.data == "shapes" else None
+    t0, seen = time.time(), 0
+    for step in range(start, steps):
+        lr = lr_at(step, cfg, base_lr, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # Per-step randomness for the *global* batch from (seed, step); each process takes its slice. So the
+        # trajectory does not depend on the number of processes, and a resumed run repeats it bit for bit.
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        t_all = torch.randint(0, len(sched["alpha"]), (cfg.batch_size,), generator=g)
+        eps_all = torch.randn((cfg.batch_size, *lat), generator=g)
+        drop_all = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            x, texts = next(stream)
+            sl = slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
+            t, eps, drop = t_all[sl].to(device), eps_all[sl].to(device), drop_all[sl]
+            texts = ["" if d else c for c, d in zip(texts, drop.tolist())]      # CFG: the empty prompt
+            with torch.no_grad():
+                # Posterior mean, not a sample: deterministic latents (the VAE's posterior std is tiny anyway).
+                z0 = vae.encode(x).mode() * vae.cfg.scaling_factor        # (B, c, H/8, W/8), ~unit variance
+            ids = text.tokenizer(texts).to(device)
+            with autocast(cfg, device):
+                x_t = S.q_sample(sched, z0, t, eps)
+                loss = torch.nn.functional.mse_loss(net(x_t, t, ids).float(), S.v_target(sched, z0, t, eps))
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+        if world > 1:                                             # log the global mean loss
+            lt = torch.tensor([loss_sum], device=device)
+            dist.all_reduce(lt)
+            loss_sum = float(lt) / world
+        gnorm = clip_and_step(params, opt, cfg)
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up for short runs
+        seen += cfg.batch_size
+        m = {"loss": loss_sum, "lr": lr, "grad_norm": gnorm, "img_per_s": seen / (time.time() - t0)}
+        log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == steps)
+        done = step + 1 == steps
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or done):
+            save_checkpoint(ckpt_path, {
+                "stage": "diffusion", "step": step + 1, "model": trainable_state(model), "ema": trainable_state(ema),
+                "opt": opt.state_dict(), "vae": vae.state_dict(),
+                "config": {"unet": dataclasses.asdict(unet_cfg), "text": dataclasses.asdict(text.cfg),
+                           "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg)}})
+        if rank == 0 and grid_prompts and cfg.sample_every and ((step + 1) % cfg.sample_every == 0) and not done:
+            pipe = S.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
+            imgs = pipe.images(grid_prompts, steps=20, guidance_scale=cfg.guidance, seed=0)
+            data.image_grid(imgs.cpu(), nrow=8).save(os.path.join(cfg.out_dir, f"samples_{step + 1:06d}.png"))
+            model.train()
+    log.close()
+    if rank == 0:
+        minutes = (time.time() - t0) / 60
+        print(f"diffusion: {steps - start} steps in {minutes:.1f} min, {seen / (time.time() - t0):.1f} images/s")
+        plot_curves(log.path, os.path.join(cfg.out_dir, "loss_diffusion.png"), "diffusion", ["loss"])
+        if cfg.data == "shapes":
+            pipe = S.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
+            prompts = [p for p in heldout_prompts(cfg, cfg.eval_images)]
+            name = f"ddim{cfg.eval_steps}"
+            res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
+            update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+            data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, "samples_final.png"))
+            print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
+                  + ", ".join(f"{k} {v:.3f}" if k != "ms_per_image" else f"{v:.1f} ms/image" for k, v in res.items()))
+    return ckpt_path
+
+
+def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
+    """Load a Denoiser state; only a frozen text encoder's weights may be absent (they come from its folder)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if model.text.cfg.train or not k.startswith("text.")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def trainable_state(model: Denoiser) -> dict:
+    """The Denoiser's weights without a frozen text encoder (real CLIP is loaded from its own folder)."""
+    return {k: v for k, v in model.state_dict().items() if model.text.cfg.train or not k.startswith("text.")}
+
+
+def update_eval(path: str, name: str, result: dict) -> None:
+    """eval.json: {"<sampler>": {"color": .., "background": .., "shape": .., "ms_per_image": ..}, ...}."""
+    obj = json.load(open(path)) if os.path.isfile(path) else {}
+    obj[name] = {k: v for k, v in result.items() if k in ("color", "background", "shape", "ms_per_image", "style", "fd")}
+    write_json(path, obj)
+
+
+def load_diffusion(path: str, ema: bool = True):
+    """(unet, vae, text_encoder, resolution) from a diffusion.pt written by the diffusion stage."""
+    ck = load_checkpoint(path)
+    conf = ck.get("config", {})
+    if "unet" not in conf:
+        raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
+    def dc(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+    ucfg, tcfg, vcfg, tr = dc(md.UNetConfig, conf["unet"]), dc(md.TextConfig, conf["text"]), dc(vae_lib.VAEConfig, conf["vae"]), conf["train"]
+    text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
+    model = Denoiser(md.UNet(ucfg), text)
+    load_denoiser_state(model, ck["ema" if ema else "model"], path)
+    vae = vae_lib.VAE(vcfg)
+    vae.load_state_dict(ck["vae"], source=path)
+    return model.unet.eval(), vae.eval(), model.text.eval(), tr.get("resolution", 512)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage: ufogen (4: one-step generation by adversarial finetuning)
+# ----------------------------------------------------------------------------------------------------
+
+def latent_batch(x, texts, vae, text, device):
+    """Data latents (posterior mean, scaled) and frozen text contexts for the post-training stages."""
+    with torch.no_grad():
+        z0 = vae.encode(x).mode() * vae.cfg.scaling_factor
+        ctx = text(texts)
+    return z0, ctx
+
+
+def save_generator(path: str, step: int, gen: torch.nn.Module, gen_ema: torch.nn.Module, text, vae, cfg, extra: dict):
+    """A checkpoint that Pipeline.from_checkpoint / load_diffusion read like a diffusion.pt (LoRA merged),
+    plus the raw training state under `extra` for --resume."""
+    import ufogen as U
+    def merged(m):
+        return trainable_state(Denoiser(U.merge_lora(copy.deepcopy(m)), text))
+    payload = {"stage": cfg.stage, "step": step, "model": merged(gen), "ema": merged(gen_ema), "vae": vae.state_dict(),
+               **extra}
+    save_checkpoint(path, payload)
+
+
+def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> str:
+    """4.1 Eq. 1 with the 4.2 reconstruction term of choice and optional 4.3 LoRA. One G forward per step
+    serves both players: D learns on its detached output, G on the same output through the frozen D."""
+    import ufogen as U
+    import sample as S
+    U.validate(ucfg)
+    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
+    unet, vae, text, _ = load_diffusion(base, ema=True)
+    base_conf = load_checkpoint(base)["config"]
+    cfg = dataclasses.replace(cfg, text_encoder=base_conf["train"].get("text_encoder", ""))   # same encoder as the base
+    unet, vae, text = unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False)
+    sched = S.make_schedule()
+    teacher = copy.deepcopy(unet).requires_grad_(False) if ucfg.recon == "distill" else None   # Eq. 2
+    disc = U.Discriminator(unet).to(device)                                                   # 4.1: from the base
+    gen = copy.deepcopy(unet).requires_grad_(True)
+    g_params = U.add_lora(gen, ucfg.lora_rank, ucfg.lora_alpha, ucfg.lora_convs) if ucfg.lora_rank else list(gen.parameters())
+    gen_ema = copy.deepcopy(gen).requires_grad_(False)                                        # Eq. 3, and sampling
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr * ucfg.d_lr_mult, betas=(0.0, cfg.beta2))   # UFOGen: D beta1 0
+    ckpt_path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path)
+        refuse_if_mismatch(ckpt_path, "UFOGen", ck["config"]["ufogen"], ucfg)
+        gen.load_state_dict(ck["g_raw"])
+        gen_ema.load_state_dict(ck["g_ema_raw"])
+        disc.load_state_dict(ck["d"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_d.load_state_dict(ck["opt_d"])
+        start = ck["step"]
+    if rank == 0:
+        n = sum(p.numel() for p in g_params)
+        print(f"ufogen: recon={ucfg.recon}, {'LoRA rank ' + str(ucfg.lora_rank) if ucfg.lora_rank else 'full finetuning'} "
+              f"({n / 1e6:.2f}M trained G params), D {md.count_params(disc) / 1e6:.1f}M, gap {ucfg.gap}")
+    g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    stream = batches(dataset, cfg, rank, world, start, device)
+    log = Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+    per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        t_all = torch.randint(1, S.T, (cfg.batch_size,), generator=g)                 # t in [1, T)
+        m = {}
+        for k in range(cfg.grad_accum):
+            x, texts = next(stream)
+            z0, ctx = latent_batch(x, texts, vae, text, device)
+            sl = slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
+            t = t_all[sl].to(device)
+            t_prev = (t - ucfg.gap).clamp(min=0)                                      # t' = t - gap
+            e_t, e_real, e_fake = (torch.randn(z0.shape, generator=g).to(device) for _ in range(3))
+            x_t = S.q_sample(sched, z0, t, e_t)
+            with autocast(cfg, device):
+                x0_pred = S.x0_from_v(sched, x_t, t, g_net(x_t, t, ctx))              # x0' = G(x_t, t)
+                real = S.q_sample(sched, z0, t_prev, e_real)                         # x_{t-1} ~ q(.|x0)
+                fake = S.q_sample(sched, x0_pred, t_prev, e_fake)                    # x'_{t-1} ~ q(.|x0'), with grad
+                # D step: real vs detached fake.
+                disc.requires_grad_(True)
+                loss_d = U.d_loss(d_net(real, t_prev, ctx), d_net(fake.detach(), t_prev, ctx), ucfg.logit_clamp)
+            (loss_d / cfg.grad_accum).backward()
+            with autocast(cfg, device):
+                # G step: adversarial through a frozen D, plus lambda * gamma_t * reconstruction.
+                disc.requires_grad_(False)
+                loss_adv = U.g_adv_loss(d_net(fake, t_prev, ctx), ucfg.logit_clamp)
+                target = U.recon_target(ucfg, z0, x_t, t, ctx, sched, teacher, gen_ema)
+                loss_rec = U.recon_loss(x0_pred.float(), target, t, sched)
+                loss_g = loss_adv + ucfg.lam * loss_rec
+            (loss_g / cfg.grad_accum).backward()
+            m = {"d_loss": float(loss_d.detach()), "g_adv": float(loss_adv.detach()), "recon": float(loss_rec.detach())}
+        disc.requires_grad_(True)
+        clip_and_step(disc.parameters(), opt_d, cfg)
+        clip_and_step(g_params, opt_g, cfg)
+        ema_update(gen_ema, gen, ucfg.g_ema_decay)
+        log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            save_generator(ckpt_path, step + 1, gen, gen_ema, text, vae, cfg, {
+                "g_raw": gen.state_dict(), "g_ema_raw": gen_ema.state_dict(), "d": disc.state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "lora": U.lora_state_dict(gen) if ucfg.lora_rank else {},
+                "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
+    log.close()
+    if rank == 0:
+        print(f"ufogen: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
+        plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, ["d_loss", "g_adv", "recon"])
+        if cfg.data == "shapes":
+            one_step_report(cfg, base, ckpt_path, device)
+    return ckpt_path
+
+
+@torch.no_grad()
+def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str) -> None:
+    """eval.json's "onestep" (UFOGen, 1 step, no CFG: 5.2 "UFOGen does not have cfg") and "ddim1" (the base
+    model's 1-step DDIM, the blurry E[x0 | x_T] of 4.2), with a Frechet distance on pixel features; and one
+    grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
+    import sample as S
+    prompts = heldout_prompts(cfg, cfg.eval_images)
+    real = heldout_images(cfg, cfg.eval_images)
+    base, ufo = S.Pipeline.from_checkpoint(base_path, device), S.Pipeline.from_checkpoint(ufo_path, device)
+    rows = []
+    for name, pipe, kw in [("onestep", ufo, dict(steps=1, guidance_scale=1.0, sampler="renoise")),
+                           ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
+        res, imgs = evaluate_t2i(pipe, prompts, **kw)
+        res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(real))
+        update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+        print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        rows.append(imgs[:8])
+    top = base.images(prompts[:8], steps=cfg.eval_steps, guidance_scale=cfg.guidance, seed=0).cpu()
+    data.image_grid(torch.cat([top, rows[1], rows[0]]), nrow=8).save(os.path.join(cfg.out_dir, "onestep_vs_base.png"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage: distill (abstract: 8-step inference; guided DDIM-50 teacher -> 8-step student)
+# ----------------------------------------------------------------------------------------------------
+
+def train_distill(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> str:
+    """The student learns, at each of its `target_steps` timesteps, the x0 that makes one DDIM step land
+    where `teacher_steps / target_steps` steps of the guided teacher land (ufogen.distill_target). Guidance is
+    folded in (Meng et al. 2023): the student is sampled without CFG, at half the cost per step."""
+    import ufogen as U
+    import sample as S
+    U.validate(ucfg)
+    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
+    unet, vae, text, _ = load_diffusion(base, ema=True)
+    base_conf = load_checkpoint(base)["config"]
+    cfg = dataclasses.replace(cfg, text_encoder=base_conf["train"].get("text_encoder", ""))   # same encoder as the base
+    teacher = unet.to(device).requires_grad_(False)
+    vae, text = vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    student_ema = copy.deepcopy(student).requires_grad_(False)
+    sched = S.make_schedule()
+    ts = S.trailing_timesteps(ucfg.target_steps) + [-1]
+    sub = max(ucfg.teacher_steps // ucfg.target_steps, 1)
+    opt = make_optimizer(student.parameters(), cfg, cfg.lr)
+    ckpt_path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path)
+        student.load_state_dict(ck["g_raw"])
+        student_ema.load_state_dict(ck["g_ema_raw"])
+        opt.load_state_dict(ck["opt_g"])
+        start = ck["step"]
+    net = wrap(student, cfg, world, device)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    stream = batches(dataset, cfg, rank, world, start, device)
+    log = Log(cfg.out_dir, "distill", cfg.steps, start, rank)
+    uncond = None
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        i = int(torch.randint(0, ucfg.target_steps, (1,), generator=g))          # one student step per batch
+        t, t_next = ts[i], ts[i + 1]
+        lr = lr_at(step, cfg, cfg.lr, cfg.steps)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            x, texts = next(stream)
+            z0, ctx = latent_batch(x, texts, vae, text, device)
+            if uncond is None or uncond.shape[0] != ctx.shape[0]:
+                uncond = text([""] * ctx.shape[0])
+            tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
+            x_t = S.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=g).to(device))
+            target = U.distill_target(S.guided_denoiser(teacher, sched, ctx, uncond, cfg.guidance), x_t, t, t_next,
+                                      sched, sub)
+            with autocast(cfg, device):
+                x0_pred = S.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
+                loss = U.recon_loss(x0_pred.float(), target, tb, sched)
+            (loss / cfg.grad_accum).backward()
+        clip_and_step(list(student.parameters()), opt, cfg)
+        ema_update(student_ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        log.step(step + 1, {"loss": float(loss.detach()), "t": float(t), "lr": lr},
+                 write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            save_generator(ckpt_path, step + 1, student, student_ema, text, vae, cfg, {
+                "g_raw": student.state_dict(), "g_ema_raw": student_ema.state_dict(), "opt_g": opt.state_dict(),
+                "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
+    log.close()
+    if rank == 0:
+        print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
+        if cfg.data == "shapes":
+            pipe = S.Pipeline.from_checkpoint(ckpt_path, device)
+            prompts = heldout_prompts(cfg, cfg.eval_images)
+            res, imgs = evaluate_t2i(pipe, prompts, steps=ucfg.target_steps, guidance_scale=1.0)
+            res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(heldout_images(cfg, cfg.eval_images)))
+            name = f"{ucfg.target_steps}step"
+            update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+            print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -521,10 +962,11 @@ def parse_args(argv=None):
     md.add_config_flags(p, TrainConfig)
     md.add_config_flags(p, md.UNetConfig)
     md.add_config_flags(p, vae_lib.VAEConfig, prefix="vae_")
+    md.add_config_flags(p, ufogen.UFOGenConfig)
     args = p.parse_args(argv)
     cfg = md.config_from_args(TrainConfig(), args)
-    if cfg.stage not in ("vae", "decoder", "all"):
-        p.error(f"--stage {cfg.stage!r}: expected vae, decoder or all")
+    if cfg.stage not in STAGES + ("all",):
+        p.error(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)} or all")
     if cfg.preset not in md.PRESETS:
         p.error(f"--preset {cfg.preset!r}: expected one of {sorted(md.PRESETS)}")
     return cfg, args
@@ -535,6 +977,7 @@ def main(argv=None):
     rank, world, device = setup(stage_config(cfg, "vae" if cfg.stage == "all" else cfg.stage))
     os.makedirs(cfg.out_dir, exist_ok=True)
     vae_cfg, light_cfg = vae_configs(cfg, args)
+    unet_cfg = md.config_from_args(md.PRESETS[cfg.preset], args)
     if rank == 0:
         print(f"stage {cfg.stage}, preset {cfg.preset}, {world} process(es) on {device}, out_dir {cfg.out_dir}")
     if cfg.stage in ("vae", "all"):
@@ -542,6 +985,13 @@ def main(argv=None):
     if cfg.stage in ("decoder", "all"):
         teacher = cfg.init_from if cfg.stage == "decoder" and cfg.init_from else os.path.join(cfg.out_dir, "vae.pt")
         train_decoder(stage_config(cfg, "decoder"), light_cfg, teacher, rank, world, device)
+    if cfg.stage in ("diffusion", "all"):
+        train_diffusion(stage_config(cfg, "diffusion"), unet_cfg, rank, world, device)
+    ucfg = md.config_from_args(ufogen.UFOGenConfig(), args)
+    if cfg.stage in ("ufogen", "all"):
+        train_ufogen(stage_config(cfg, "ufogen"), ucfg, rank, world, device)
+    if cfg.stage in ("distill", "all"):
+        train_distill(stage_config(cfg, "distill"), ucfg, rank, world, device)
     if world > 1:
         dist.destroy_process_group()
 

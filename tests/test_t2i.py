@@ -1,0 +1,254 @@
+"""Tests for the text-to-image path: data.py, the CLIP text encoder (md.py), sample.py and the diffusion
+stage of train.py. Independent references: Hugging Face transformers' CLIPTokenizer / CLIPTextModel on a
+small random config and a generated vocabulary; closed-form properties of the schedule and of DDIM."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import md
+import sample as S
+import train
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def test_checker_reads_the_datasets_own_images():
+    for split in ("train", "heldout"):
+        ds = data.Shapes(split, 64)
+        images = torch.stack([ds[i][0] for i in range(300)])
+        acc = data.attribute_accuracy(images, [ds[i][1] for i in range(300)])
+        assert min(acc.values()) >= 0.98, (split, acc)
+
+
+def test_heldout_combinations_never_appear_in_training():
+    held = set(data.heldout_combos())
+    ds = data.Shapes("train", 64)
+    seen = {tuple(data.parse_caption(ds[i][1]).values()) for i in range(2000)}
+    assert not seen & held and len(held) == 9
+    assert ds[5][1] == ds[5][1] and torch.equal(ds[5][0], data.Shapes("train", 64)[5][0])   # deterministic
+
+
+def test_image_folder_layouts_and_bad_data(tmp_path, capsys):
+    from PIL import Image
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.ImageFolder(str(tmp_path / "missing"), 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable images"):
+        data.ImageFolder(str(tmp_path / "empty"), 32)
+    side = tmp_path / "side"
+    side.mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(side / "a.png")
+    (side / "a.txt").write_text("a red thing")
+    (side / "b.png").write_bytes(b"not a png at all")              # corrupt
+    ds = data.ImageFolder(str(side), 32)
+    img, text = ds[0]
+    assert img.shape == (3, 32, 32) and text == "a red thing" and img[0].mean() > 0.9
+    img, text = ds[1]                                               # corrupt: skipped, counted, next one used
+    assert ds.skipped == 1 and text == "a red thing" and "skipping unreadable image" in capsys.readouterr().out
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(meta / "x.jpg")
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "x.jpg", "text": "blue"}) + "\n")
+    assert data.ImageFolder(str(meta), 16)[0][1] == "blue"
+
+
+# --- the CLIP text encoder: parity with transformers -----------------------------------------------
+
+def make_clip_folder(tmp_path, words):
+    """A tiny CLIP tokenizer vocabulary (bytes + merges that build `words`) and a random CLIPTextModel."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    b2u = md._bytes_to_unicode()
+    vocab = list(b2u.values()) + [c + "</w>" for c in b2u.values()]
+    merges = []
+    for w in words:
+        parts = [b2u[b] for b in w.encode()]
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(parts[0] + parts[1])
+            parts = [parts[0] + parts[1]] + parts[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                                      bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    model = transformers.CLIPTextModel(cfg).eval()
+    model.save_pretrained(folder)
+    return folder, model, transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
+    prompts = ["a red circle on a blue background", "A  RED square, on 2 backgrounds!", "circle"]
+    folder, ref, ref_tok = make_clip_folder(tmp_path, ["red", "circle", "blue", "background", "square", "on"])
+    ours = md.TextEncoder.from_pretrained(str(folder))
+    ids = ours.tokenizer(prompts)
+    want = ref_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, want)
+    assert not any(p.requires_grad for p in ours.parameters())     # frozen, as the paper keeps CLIP
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompts), ref(want).last_hidden_state, atol=1e-4, rtol=0)
+
+
+def test_long_prompts_are_truncated_with_a_warning(capsys):
+    enc = md.TextEncoder(md.TEXT_PRESETS["tiny"])
+    ids = enc.tokenizer(["x" * 200])
+    assert ids.shape == (1, 77) and ids[0, -1] == enc.cfg.eos_id and "truncated" in capsys.readouterr().out
+
+
+# --- schedule and samplers ---------------------------------------------------------------------------
+
+def test_schedule_has_zero_terminal_snr_and_unit_variance():
+    s = S.make_schedule()
+    assert float(s["alpha"][-1]) == 0.0 and float(s["sigma"][-1]) == 1.0
+    torch.testing.assert_close(s["alpha"] ** 2 + s["sigma"] ** 2, torch.ones(S.T))
+    x0, eps, t = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.tensor([0, 10, 500, 999])
+    xt = S.q_sample(s, x0, t, eps)
+    torch.testing.assert_close(S.x0_from_v(s, xt, t, S.v_target(s, x0, t, eps)), x0, atol=1e-5, rtol=0)
+
+
+def test_trailing_spacing_and_one_step_ddim_returns_the_models_x0():
+    assert S.trailing_timesteps(1) == [999] and S.trailing_timesteps(4) == [999, 749, 499, 249]
+    s = S.make_schedule()
+    calls = []
+
+    def denoise(x, t):
+        calls.append(int(t[0]))
+        return torch.full_like(x, 0.25) + x * 0                    # a model whose x0 is known
+
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(S.ddim(denoise, x, s, steps=1), torch.full_like(x, 0.25)) and calls == [999]
+
+
+def test_ddim_with_exact_x0_recovers_x0_and_ddpm_converges():
+    s = S.make_schedule()
+    target = torch.randn(1, 2, 4, 4)
+    exact = lambda x, t: target.expand_as(x)                      # an oracle denoiser
+    x = torch.randn(3, 2, 4, 4)
+    torch.testing.assert_close(S.ddim(exact, x, s, steps=10), target.expand_as(x))
+    out = S.ddpm(exact, x, s, steps=20, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target.expand_as(x))
+
+
+# --- the diffusion stage -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vae_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae")
+    train.main(["--stage", "vae", "--steps", "2", "--batch_size", "4", "--out_dir", str(d), "--sample_every", "0",
+                "--eval_images", "4", "--warmup", "1"])
+    return str(d / "vae.pt")
+
+
+def diffusion_args(out, vae_ckpt, steps, *extra):
+    return ["--stage", "diffusion", "--steps", str(steps), "--batch_size", "8", "--out_dir", str(out),
+            "--vae_ckpt", vae_ckpt, "--log_every", "1", "--sample_every", "0", "--ckpt_every", "1000",
+            "--eval_images", "4", "--eval_steps", "2", "--warmup", "1", "--lr_schedule", "constant", *extra]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["stage"] == "diffusion"]
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tiny_vae_ckpt):
+    import sample
+    unet, text = md.UNet(md.PRESETS["tiny"]), md.TextEncoder(md.TEXT_PRESETS["tiny"])
+    model, vae, sched = train.Denoiser(unet, text), train.load_vae(tiny_vae_ckpt), sample.make_schedule()
+    ds = data.Shapes("train", 64)
+    x = torch.stack([ds[i][0] for i in range(8)])
+    ids = text.tokenizer([ds[i][1] for i in range(8)])
+    with torch.no_grad():
+        z0 = vae.encode(x).mode() * vae.cfg.scaling_factor
+    g = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(0, 1000, (8,), generator=g), torch.randn(z0.shape, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(sample.q_sample(sched, z0, t, eps), t, ids), sample.v_target(sched, z0, t, eps))
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * first
+
+
+def test_stage_writes_eval_and_pipeline_is_deterministic(tmp_path, tiny_vae_ckpt):
+    train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 2))
+    ev = json.load(open(tmp_path / "eval.json"))
+    assert set(ev["ddim2"]) == {"color", "background", "shape", "ms_per_image"}
+    pipe = S.Pipeline.from_checkpoint(str(tmp_path / "diffusion.pt"))
+    a = pipe(["a red circle on a blue background"], steps=3, seed=7)
+    b = pipe(["a red circle on a blue background"], steps=3, seed=7)
+    assert a[0].size == (64, 64) and a[0].tobytes() == b[0].tobytes()
+    c = pipe(["a red circle on a blue background"], steps=3, seed=8)
+    assert a[0].tobytes() != c[0].tobytes()
+
+
+def test_resume_continues_bit_identically(tmp_path, tiny_vae_ckpt):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(diffusion_args(straight, tiny_vae_ckpt, 4))
+    train.main(diffusion_args(split, tiny_vae_ckpt, 2, "--ckpt_every", "2"))
+    train.main(diffusion_args(split, tiny_vae_ckpt, 4, "--resume", "true"))
+    a = train.load_checkpoint(str(straight / "diffusion.pt"))
+    b = train.load_checkpoint(str(split / "diffusion.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert losses(straight) == losses(split)                         # 2 logged before the stop + 2 after
+
+
+def test_resume_with_a_different_config_is_refused_by_field(tmp_path, tiny_vae_ckpt):
+    train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1))
+    with pytest.raises(ValueError, match=r"UNet config differs .*ff_mult: checkpoint 3 vs now 4"):
+        train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 2, "--resume", "true", "--ff_mult", "4"))
+
+
+def test_init_from_softmax_into_relu_attention(tmp_path, tiny_vae_ckpt):
+    """3.2: a softmax checkpoint initialises a relu-attention run (the only allowed architecture change)."""
+    train.main(diffusion_args(tmp_path / "a", tiny_vae_ckpt, 1))
+    train.main(diffusion_args(tmp_path / "b", tiny_vae_ckpt, 1, "--attn_act", "relu",
+                              "--init_from", str(tmp_path / "a" / "diffusion.pt")))
+    unet, _, _, _ = train.load_diffusion(str(tmp_path / "b" / "diffusion.pt"))
+    assert unet.cfg.attn_act == "relu"
+    with pytest.raises(ValueError, match="channels"):
+        train.main(diffusion_args(tmp_path / "c", tiny_vae_ckpt, 1, "--channels", "32,64,96",
+                                  "--init_from", str(tmp_path / "a" / "diffusion.pt")))
+
+
+def _ddp_worker(rank, out, vae_ckpt, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(diffusion_args(out, vae_ckpt, 3, "--device", "cpu"))
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, tiny_vae_ckpt):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(diffusion_args(one, tiny_vae_ckpt, 3))
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(str(two), tiny_vae_ckpt, port), nprocs=2, join=True, start_method="spawn")
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_mismatched_components_are_clear_errors(tmp_path, tiny_vae_ckpt):
+    with pytest.raises(ValueError, match="in_channels = 4 but the VAE has 8"):
+        train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--in_channels", "4"))
+    with pytest.raises(ValueError, match="--text_encoder"):
+        train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--preset", "md"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--data", str(tmp_path / "nowhere")))

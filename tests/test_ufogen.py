@@ -1,0 +1,203 @@
+"""Tests for ufogen.py (4) and the ufogen / distill stages: the adversarial game's gradients, the three
+reconstruction terms, LoRA's parameter count / null init / merge, and the distillation target against an
+oracle teacher (a hand-checkable fixed point)."""
+
+import copy
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import md
+import sample as S
+import train
+import ufogen as U
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    unet = md.UNet(md.PRESETS["tiny"])
+    for m in unet.modules():                       # random everywhere: zero-init would hide the paths under test
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return unet
+
+
+def batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 8, 8, 8, generator=g), torch.randint(1, 1000, (n,), generator=g),
+            torch.randn(n, 77, 128, generator=g))
+
+
+def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen():
+    unet, sched = tiny_unet(), S.make_schedule()
+    disc = U.Discriminator(unet)
+    z0, t, ctx = batch()
+    assert torch.equal(disc(z0, t, ctx), torch.zeros(4, 1, 8, 8))   # zero-init head: logit 0 everywhere
+    gen = copy.deepcopy(unet).requires_grad_(False)
+    tp = (t - 250).clamp(min=0)
+    with torch.no_grad():
+        fake = S.q_sample(sched, S.x0_from_v(sched, z0, t, gen(S.q_sample(sched, z0, t, z0.flip(0)), t, ctx)), tp, z0.roll(1, 0))
+    real = S.q_sample(sched, z0, tp, z0.roll(2, 0))
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    first = float(U.d_loss(disc(real, tp, ctx), disc(fake, tp, ctx), clamp=0))
+    for _ in range(5):
+        loss = U.d_loss(disc(real, tp, ctx), disc(fake, tp, ctx), clamp=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(U.d_loss(disc(real, tp, ctx), disc(fake, tp, ctx), clamp=0)) < first
+
+
+def test_generator_gets_a_nonzero_adversarial_gradient_and_its_loss_falls_with_d_frozen():
+    """The known bug of some reimplementations: building x'_{t-1} under no_grad leaves G without any
+    adversarial gradient. Here the fake is built with grad, and D is frozen but random (non-neutral)."""
+    unet, sched = tiny_unet(), S.make_schedule()
+    disc = U.Discriminator(unet)
+    torch.nn.init.normal_(disc.unet.conv_out.weight, std=0.05)
+    disc.requires_grad_(False)
+    gen = copy.deepcopy(unet).requires_grad_(True)
+    z0, t, ctx = batch()
+    tp = (t - 250).clamp(min=0)
+    x_t = S.q_sample(sched, z0, t, z0.flip(0))
+
+    def adv():
+        fake = S.q_sample(sched, S.x0_from_v(sched, x_t, t, gen(x_t, t, ctx)), tp, z0.roll(1, 0))
+        return U.g_adv_loss(disc(fake, tp, ctx), clamp=0)
+
+    loss = adv()
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in gen.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in disc.parameters())
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-4)
+    first = float(loss)
+    for _ in range(5):
+        opt.zero_grad()
+        l = adv()
+        l.backward()
+        opt.step()
+    assert float(adv()) < first
+
+
+def test_ema_distill_with_decay_one_equals_distill():
+    """Eq. 3 with decay 1: G^EMA never moves from the pretrained weights, i.e. it is Eq. 2's teacher."""
+    unet, sched = tiny_unet(), S.make_schedule()
+    teacher = copy.deepcopy(unet).requires_grad_(False)
+    gen = copy.deepcopy(unet)
+    gen_ema = copy.deepcopy(gen).requires_grad_(False)
+    with torch.no_grad():
+        for p in gen.parameters():                                     # G has trained away from the base
+            p.add_(torch.randn_like(p) * 0.01)
+    train.ema_update(gen_ema, gen, decay=1.0)
+    z0, t, ctx = batch()
+    x_t = S.q_sample(sched, z0, t, z0.flip(0))
+    distill = U.recon_target(U.UFOGenConfig(recon="distill"), z0, x_t, t, ctx, sched, teacher=teacher)
+    ema = U.recon_target(U.UFOGenConfig(recon="ema"), z0, x_t, t, ctx, sched, g_ema=gen_ema)
+    assert torch.equal(distill, ema)
+    assert torch.equal(U.recon_target(U.UFOGenConfig(recon="diffusion"), z0, x_t, t, ctx, sched), z0)
+
+
+def test_gamma_makes_the_diffusion_term_the_v_loss():
+    sched = S.make_schedule()
+    z0, t, ctx = batch()
+    eps, v_pred = z0.flip(0), torch.randn_like(z0)
+    x_t = S.q_sample(sched, z0, t, eps)
+    rec = U.recon_loss(S.x0_from_v(sched, x_t, t, v_pred), z0, t, sched)
+    torch.testing.assert_close(rec, (v_pred - S.v_target(sched, z0, t, eps)).square().mean(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("convs", [False, True])
+def test_lora_parameter_count_null_init_and_merge(convs):
+    unet = tiny_unet()
+    targets = U.lora_targets(unet, convs)
+    r = 4
+    expected = 0
+    for parent, name in targets:
+        layer = getattr(parent, name)
+        if isinstance(layer, torch.nn.Linear):
+            expected += r * (layer.in_features + layer.out_features)
+        else:
+            k = layer.kernel_size[0] * layer.kernel_size[1]
+            expected += r * layer.in_channels * k + layer.out_channels * r
+    z0, t, ctx = batch()
+    with torch.no_grad():
+        before = unet(z0, t, ctx)
+    n_before = md.count_params(unet)
+    params = U.add_lora(unet, r, convs=convs)
+    assert sum(p.numel() for p in params) == expected == md.count_params(unet) - n_before
+    is_lora = lambda name: ".down." in name or ".up." in name       # top-level "down.*"/"up.*" have no leading dot
+    assert all(p.requires_grad == is_lora(n) for n, p in unet.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(unet(z0, t, ctx), before)         # null effect at init (4.3)
+        for p in params:                                              # now give the LoRA an effect
+            p.add_(torch.randn_like(p) * 0.05)
+        unmerged = unet(z0, t, ctx)
+        assert not torch.allclose(unmerged, before, atol=1e-4)
+        merged = U.merge_lora(copy.deepcopy(unet))
+        assert not any(isinstance(m, U.LoRA) for m in merged.modules())
+        torch.testing.assert_close(merged(z0, t, ctx), unmerged, atol=1e-5, rtol=0)
+    assert set(U.lora_state_dict(unet)) and all(".down." in k or ".up." in k for k in U.lora_state_dict(unet))
+
+
+def test_distill_target_of_an_oracle_teacher_is_its_x0():
+    """If the teacher always predicts the same x0*, DDIM moves along one straight path and a single student
+    DDIM step reproduces the teacher's k steps exactly with x0~ = x0*."""
+    sched = S.make_schedule()
+    x0_star = torch.randn(2, 8, 4, 4)
+    oracle = lambda x, t: x0_star
+    x_t = S.q_sample(sched, x0_star, torch.tensor([874, 874]), torch.randn(2, 8, 4, 4))
+    target = U.distill_target(oracle, x_t, 874, 749, sched, sub_steps=6)
+    torch.testing.assert_close(target, x0_star, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(U.distill_target(oracle, x_t, 124, -1, sched, 6), x0_star)
+
+
+def test_one_step_sampling_is_deterministic_for_a_seed():
+    unet, sched = tiny_unet(), S.make_schedule()
+    ctx = torch.randn(2, 77, 128)
+    den = S.v_denoiser(unet, sched, ctx)
+    a = S.renoise(den, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), sched, 1)
+    b = S.renoise(den, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), sched, 1)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        want = S.x0_from_v(sched, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)),
+                           torch.full((2,), 999), unet(torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), torch.full((2,), 999), ctx))
+    torch.testing.assert_close(a, want)
+
+
+def test_bad_ufogen_config_names_the_field():
+    with pytest.raises(ValueError, match="recon"):
+        U.validate(U.UFOGenConfig(recon="gan"))
+    with pytest.raises(ValueError, match="gap"):
+        U.validate(U.UFOGenConfig(gap=1000))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    common = ["--batch_size", "4", "--out_dir", str(d), "--sample_every", "0", "--eval_images", "4", "--warmup", "1"]
+    train.main(["--stage", "vae", "--steps", "2", *common])
+    train.main(["--stage", "diffusion", "--steps", "2", "--eval_steps", "2", *common])
+    return d
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--recon", "ema"]])
+def test_ufogen_stage_end_to_end(tiny_base, tmp_path, extra):
+    out = tmp_path / "ufo"
+    train.main(["--stage", "ufogen", "--init_from", str(tiny_base / "diffusion.pt"), "--vae_ckpt", str(tiny_base / "vae.pt"),
+                "--steps", "2", "--batch_size", "4", "--out_dir", str(out), "--eval_images", "4", "--eval_steps", "2",
+                "--log_every", "1", *extra])
+    ev = json.load(open(out / "eval.json"))
+    assert {"onestep", "ddim1"} <= set(ev) and {"color", "background", "shape", "ms_per_image", "fd"} <= set(ev["onestep"])
+    pipe = S.Pipeline.from_checkpoint(str(out / "ufogen.pt"))
+    img = pipe(["a red circle on a blue background"], steps=1, guidance_scale=1.0, sampler="renoise", seed=0)[0]
+    assert img.size == (64, 64) and os.path.isfile(out / "onestep_vs_base.png")
+
+
+def test_distill_stage_end_to_end(tiny_base, tmp_path):
+    out = tmp_path / "dist"
+    train.main(["--stage", "distill", "--init_from", str(tiny_base / "diffusion.pt"), "--steps", "2", "--batch_size", "4",
+                "--out_dir", str(out), "--eval_images", "4", "--target_steps", "4", "--teacher_steps", "8"])
+    ev = json.load(open(out / "eval.json"))
+    assert {"color", "background", "shape", "ms_per_image"} <= set(ev["4step"])

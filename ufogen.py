@@ -1,0 +1,289 @@
+"""
+One-step and few-step MobileDiffusion: Section 4 (UFOGen adversarial finetuning, its reconstruction term
+and LoRA) and the abstract's 8-step distillation.
+
+  4.1  UFOGen (Xu et al. 2023, the paper's [62]), Eq. 1: a generator G (initialised from the diffusion
+       model) predicts x0' = G(x_t, t); a discriminator D (the same UNet, initialised from the same model)
+       tells real x_{t-1} ~ q(x_{t-1} | x0) from fake x'_{t-1} ~ q(x_{t-1} | x0'), and "aggregates logits
+       across output locations" (Discriminator, d_loss, g_adv_loss).
+  4.2  the reconstruction term, a switch (UFOGenConfig.recon):
+         "diffusion"  Eq. 1: lambda gamma_t ||x0 - x0'||^2
+         "distill"    Eq. 2: ||sg(G_teacher(x_t, t)) - x0'||^2, a frozen copy of the base model
+         "ema"        Eq. 3: ||sg(G_EMA(x_t, t)) - x0'||^2, an EMA of G (decay 1 = "distill")
+  4.3  LoRA on G only, null-initialised, D fully trained (add_lora, merge_lora, lora_state_dict)
+  abstract  "distillation ... to achieve 8-step ... inference": guided DDIM-50 teacher -> 8-step student
+       (distill_target), one stage of TRACT-style transitive distillation (Berthelot et al. 2023) with
+       classifier-free guidance folded into the student (Meng et al. 2023, the paper's [38]).
+
+Choices the paper leaves open, taken from UFOGen's public code (xuyanwu/SIDDMs-UFOGen, UFO_DiT/train_ufo.py)
+unless said otherwise: t uniform in [1, T), t' = max(t - gap, 0); real and fake x_{t'} both built with
+q_sample; non-saturating BCE with the logits clamped (real <= 0.5, fake >= -0.5 for D; fake <= 0.5 for G),
+so neither player is pushed further once it wins by a margin; Adam lr 1e-4 for both, D with beta1 = 0;
+gradient clip 1.0; EMA of G for sampling.
+
+Run it:
+  python train.py --stage ufogen --init_from out/tiny/diffusion.pt            # one-step model
+  python train.py --stage ufogen --init_from out/tiny/diffusion.pt --lora_rank 8 --recon distill
+  python train.py --stage distill --init_from out/tiny/diffusion.pt --target_steps 8
+  python ufogen.py --table5                                                    # Table 5 at toy scale
+"""
+
+import argparse
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import md
+import sample as S
+
+
+@dataclass
+class UFOGenConfig:
+    recon: str = "diffusion"         # 4.2: "diffusion" (Eq. 1) | "distill" (Eq. 2) | "ema" (Eq. 3); 5.3 picks diffusion
+    lam: float = 1.0                 # lambda of Eq. 1 (weight of the reconstruction term)
+    gap: int = 250                   # t' = t - gap; UFOGen's released gap is T/4 (its "4 steps"); a flag to measure
+    g_ema_decay: float = 0.99        # EMA of G: Eq. 3's G^EMA and the weights sampled from (UFOGen's code: 0.99)
+    lora_rank: int = 0               # 4.3: LoRA rank on G (attention + feed-forward projections); 0 = full finetuning
+    lora_alpha: float = 0.0          # LoRA scale alpha / rank; 0 = alpha = rank (scale 1)
+    lora_convs: bool = False         # also put LoRA on the conv blocks' convolutions
+    logit_clamp: float = 0.5         # UFOGen's BCE logit clamp (0 = off)
+    d_lr_mult: float = 1.0           # D's learning rate relative to G's
+    target_steps: int = 8            # distill stage: the student's number of steps (abstract: 8)
+    teacher_steps: int = 50          # distill stage: the guided DDIM teacher's steps (5.2: 50)
+
+
+def validate(cfg: UFOGenConfig) -> None:
+    if cfg.recon not in ("diffusion", "distill", "ema"):
+        raise ValueError(f"UFOGenConfig.recon = {cfg.recon!r}, expected 'diffusion', 'distill' or 'ema'")
+    if not 0 <= cfg.gap < S.T:
+        raise ValueError(f"UFOGenConfig.gap = {cfg.gap}, expected 0 .. {S.T - 1}")
+    if cfg.target_steps < 1 or cfg.teacher_steps < cfg.target_steps:
+        raise ValueError(f"UFOGenConfig.target_steps = {cfg.target_steps} must be >= 1 and <= teacher_steps = {cfg.teacher_steps}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4.1 The discriminator: the diffusion UNet with a one-channel, zero-initialised head
+# ----------------------------------------------------------------------------------------------------
+
+class Discriminator(nn.Module):
+    """D(x_{t'}, t', text) -> a (B, 1, h, w) map of logits, one per latent location. 4.1: "the UNet
+    discriminator aggregates logits across output locations": the losses average the per-location BCE.
+    Initialised from the pretrained diffusion UNet (4.1, 4.3); its new head is zero-initialised, so D
+    starts neutral (every logit 0, p = 1/2) and its first gradients come from the pretrained features."""
+
+    def __init__(self, pretrained: md.UNet):
+        super().__init__()
+        self.unet = copy.deepcopy(pretrained).requires_grad_(True)
+        c = self.unet.conv_out.in_channels
+        self.unet.conv_out = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.zeros_(self.unet.conv_out.weight)
+        nn.init.zeros_(self.unet.conv_out.bias)
+
+    def forward(self, x, t, context):                          # (B, c, h, w) -> (B, 1, h, w)
+        return self.unet(x, t, context)
+
+
+def _bce(logits, target: float, clamp_max: float | None = None, clamp_min: float | None = None):
+    if clamp_max is not None or clamp_min is not None:
+        logits = logits.clamp(min=clamp_min, max=clamp_max)
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def d_loss(d_real, d_fake, clamp: float = 0.5):
+    """Eq. 1, max over D: -[log D(x_{t-1}) + log(1 - D(x'_{t-1}))], per location, averaged. With UFOGen's
+    clamps a real logit above +clamp (or a fake one below -clamp) gives D no further gradient."""
+    c = clamp or None
+    return _bce(d_real, 1.0, clamp_max=c) + _bce(d_fake, 0.0, clamp_min=-c if c else None)
+
+
+def g_adv_loss(d_fake, clamp: float = 0.5):
+    """Eq. 1, min over G, in the non-saturating form -log D(x'_{t-1}) (Goodfellow et al. 2014): it gives G
+    strong gradients exactly when D rejects its samples, where log(1 - D) would saturate."""
+    return _bce(d_fake, 1.0, clamp_max=clamp or None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4.2 The reconstruction term
+# ----------------------------------------------------------------------------------------------------
+
+def gamma(sched: dict, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """gamma_t of Eq. 1. We take 1 / sigma_t^2: since x0 - x0' = sigma_t (v' - v) for a v-prediction
+    network, lambda gamma_t ||x0 - x0'||^2 is then exactly the base model's own v-loss, i.e. the
+    'original diffusion loss' that UFOGen keeps."""
+    return S._at(sched["sigma"], t, like) ** -2
+
+
+def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_ema=None):
+    """The x0 that G's prediction is pulled towards: data (Eq. 1), the frozen teacher's prediction
+    (Eq. 2) or the EMA generator's (Eq. 3), all under stop-gradient."""
+    if cfg.recon == "diffusion":
+        return x0
+    net = teacher if cfg.recon == "distill" else g_ema
+    with torch.no_grad():
+        return S.x0_from_v(sched, x_t, t, net(x_t, t, context))
+
+
+def recon_loss(x0_pred, target, t, sched):
+    return (gamma(sched, t, x0_pred) * (target - x0_pred).square()).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4.3 LoRA (Hu et al. 2021, the paper's [20]) on the generator
+# ----------------------------------------------------------------------------------------------------
+
+class LoRA(nn.Module):
+    """y = base(x) + (alpha / r) * up(down(x)), base frozen; `up` zero-initialised so a fresh LoRA is a null
+    effect (4.3: "setting the LoRA layers to initialize with a null effect"). For a conv, `down` is a conv of
+    the base's kernel with r outputs and `up` a 1x1 conv."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), (alpha or rank) / rank
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+    def merged(self) -> nn.Module:
+        """The base layer with the low-rank update folded into its weight: W + scale * up @ down."""
+        layer = copy.deepcopy(self.base)
+        if isinstance(layer, nn.Linear):
+            delta = self.up.weight @ self.down.weight                                  # (out, in)
+        else:
+            delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
+        layer.weight.data += self.scale * delta
+        return layer.requires_grad_(True)
+
+
+def lora_targets(model: nn.Module, convs: bool):
+    """(parent, attribute) of every layer that gets LoRA: the attention and feed-forward projections and
+    the transformer stacks' in/out projections; with convs, the conv blocks' convolutions too."""
+    out = []
+    for m in model.modules():
+        names = []
+        if isinstance(m, md.Attention):
+            names = ["to_q", "to_kv"] if m.shared_kv else ["to_q", "to_k", "to_v"]
+            names.append("to_out")
+        elif isinstance(m, md.GLUFeedForward) or isinstance(m, md.Transformer2D):
+            names = ["proj_in", "proj_out"]
+        elif convs and isinstance(m, md.ResBlock):
+            names = ["conv1", "conv2"]
+        elif convs and isinstance(m, md.SepConvBlock):
+            names = ["pw1", "pw2"]
+        out += [(m, n) for n in names if isinstance(getattr(m, n), (nn.Linear, nn.Conv2d))]
+    return out
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, convs: bool = False) -> list:
+    """Freeze `model` and wrap its target layers in LoRA; returns the new trainable parameters."""
+    model.requires_grad_(False)
+    params = []
+    for parent, name in lora_targets(model, convs):
+        layer = LoRA(getattr(parent, name), rank, alpha)
+        setattr(parent, name, layer)
+        params += [layer.down.weight, layer.up.weight]
+    return params
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base layer (for export and for a plain UNet checkpoint); in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRA):
+                setattr(parent, name, child.merged())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the LoRA weights (a small file that applies on top of the base model)."""
+    return {k: v for k, v in model.state_dict().items() if ".down." in k or ".up." in k}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8-step distillation: the student's DDIM step matches the guided teacher's DDIM trajectory
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def distill_target(teacher_denoise, x_t, t: int, t_next: int, sched: dict, sub_steps: int):
+    """The x0 target for a student that goes from t to t_next in one DDIM step (Salimans & Ho 2022, Alg. 2,
+    generalised from 2 teacher steps to `sub_steps`, as TRACT does): run the (guided) teacher's DDIM from t
+    to t_next, then solve the DDIM update x_next = alpha' x0 + sigma' (x_t - alpha x0) / sigma for x0:
+        x0~ = (x_next - (sigma'/sigma) x_t) / (alpha' - (sigma'/sigma) alpha).
+    At the last student step (t_next = -1) the target is the teacher's x0 at the end of its steps."""
+    a_t, s_t = float(sched["alpha"][t]), float(sched["sigma"][t])
+    stop = t_next if t_next >= 0 else -1
+    ts = [round(t - i * (t - stop) / sub_steps) for i in range(sub_steps)]   # t ... (exclusive of stop)
+    x = x_t
+    for i, tt in enumerate(ts):
+        tb = torch.full((x.shape[0],), tt, dtype=torch.long, device=x.device)
+        x0 = teacher_denoise(x, tb)
+        nxt = ts[i + 1] if i + 1 < len(ts) else stop
+        if nxt < 0:
+            return x0
+        eps = S.eps_from_x0(sched, x, tb, x0)
+        x = float(sched["alpha"][nxt]) * x0 + float(sched["sigma"][nxt]) * eps
+    a_n, s_n = float(sched["alpha"][stop]), float(sched["sigma"][stop])
+    return (x - (s_n / s_t) * x_t) / (a_n - (s_n / s_t) * a_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table 5 at toy scale
+# ----------------------------------------------------------------------------------------------------
+
+def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
+    """Runs the 3 reconstruction losses x {full, LoRA} on the tiny setup and prints Table 5's shape: for
+    1-step samples on held-out prompts, attribute accuracy and a Frechet distance on pixel features."""
+    import json
+    import os
+    import train
+    rows, results = [], {}
+    for recon in ("diffusion", "distill", "ema"):
+        for rank in (0, 8):
+            name = f"{recon}-{'lora' if rank else 'full'}"
+            out = os.path.join(out_dir, name)
+            train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--recon", recon,
+                        "--lora_rank", str(rank), "--steps", str(steps), "--eval_images", str(eval_images),
+                        "--sample_every", "0", "--vae_ckpt", base_ckpt])
+            results[name] = json.load(open(os.path.join(out, "eval.json")))["onestep"]
+    lines = [f"{'reconstruction loss':<22}{'No LoRA':>28}{'LoRA':>28}",
+             f"{'':<22}{'col/bg/shape   FD':>28}{'col/bg/shape   FD':>28}"]
+    paper = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (12.08, 14.05)}
+    for recon in ("diffusion", "distill", "ema"):
+        cells = []
+        for kind in ("full", "lora"):
+            r = results[f"{recon}-{kind}"]
+            cells.append(f"{r['color']:.2f}/{r['background']:.2f}/{r['shape']:.2f} {r['fd']:7.2f}")
+        lines.append(f"{recon + ' loss':<22}{cells[0]:>28}{cells[1]:>28}   paper FID {paper[recon][0]} / {paper[recon][1]}")
+    text = "\n".join(lines)
+    with open(os.path.join(out_dir, "table5.md"), "w") as f:
+        f.write("```\n" + text + "\n```\n")
+    return text
+
+
+def main():
+    p = argparse.ArgumentParser(description="UFOGen ablations (Table 5) on the tiny setup")
+    p.add_argument("--table5", action="store_true", help="run 3 reconstruction losses x {full, LoRA}")
+    p.add_argument("--base", default="out/tiny/diffusion.pt", help="the pretrained diffusion checkpoint")
+    p.add_argument("--out_dir", default="out/tiny/table5")
+    p.add_argument("--steps", type=int, default=300, help="UFOGen steps per variant")
+    p.add_argument("--eval_images", type=int, default=128)
+    args = p.parse_args()
+    if not args.table5:
+        p.print_help()
+        return
+    print(table5(args.base, args.out_dir, args.steps, args.eval_images))
+
+
+if __name__ == "__main__":
+    main()
