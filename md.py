@@ -87,8 +87,11 @@ PRESETS = {
                      ff_mult=4),
     # The MD topology, narrow: a few million params, trains on a 2-core CPU at 64px (8x8 latent).
     # Softmax attention because the tiny run trains from scratch; 3.2 finetunes into relu afterwards.
+    # pooled_text: with cross-attention alone the 10-minute run does not learn the shape's colour (measured at
+    # 600 steps, training prompts: colour 22%, background 53%); adding the mean text embedding to the time
+    # embedding gives every conv block the caption and lifts that to 92% / 100% at the same cost.
     "tiny": UNetConfig(context_dim=128, channels=(32, 64, 128), head_dim=32, norm_groups=8,
-                       attn_act="softmax"),
+                       attn_act="softmax", pooled_text=True),
 }
 
 
@@ -610,6 +613,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
         super().__init__()
         self.cfg = cfg
+        self.source = None                                        # the local folder, if loaded by from_pretrained
         self.tokenizer = Tokenizer(cfg, vocab_path, merges_path)
         self.text_model = nn.Module()
         self.text_model.embeddings = nn.Module()
@@ -681,6 +685,7 @@ class TextEncoder(nn.Module):
         if missing:
             raise ValueError(f"{folder}: weights do not fit a CLIP text model of width {cfg.width}, "
                              f"{cfg.layers} layers: missing {missing[:4]}")
+        model.source = folder
         return model.requires_grad_(False).eval()
 
 

@@ -10,13 +10,15 @@ Stages (--stage):
   diffusion 3 + 5.1: latent diffusion training of the MD UNet (v-prediction, CFG dropout, EMA)
   ufogen    4: one-step generator by UFOGen adversarial finetuning (ufogen.py), full or LoRA
   distill   abstract: 8-step student distilled from the guided DDIM-50 teacher
-  all       (default) the tiny end-to-end run on synthetic data: every stage above in order, on CPU
+  all       (default) the tiny end-to-end run on synthetic data, on CPU: vae, decoder, diffusion, ufogen
+            (distill is its own command: python train.py --stage distill, ~2.5 min more)
 
 Tiny (CPU, minutes):     python train.py
 One stage:               python train.py --stage vae --steps 2000
 Paper scale (GPUs):      see README.md ("Paper-scale recipe")
-Flags: every TrainConfig field, every UNetConfig field (md.py) as is, every VAEConfig field (vae.py)
-with the prefix --vae_ (e.g. --vae_latent_channels 8).
+Flags: every TrainConfig field, every UNetConfig field (md.py) and UFOGenConfig field (ufogen.py) as is,
+every VAEConfig field (vae.py) with the prefix --vae_ (e.g. --vae_latent_channels 8), every TextConfig field
+of the tiny text encoder with the prefix --text_ (e.g. --text_train false).
 """
 
 import argparse
@@ -42,7 +44,7 @@ import vae as vae_lib
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"               # vae | decoder | diffusion | ufogen | distill | all
+    stage: str = "all"               # vae | decoder | diffusion | ufogen | distill | all (= vae..ufogen)
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
     data: str = "shapes"             # "shapes" (synthetic) or an image folder (metadata.jsonl or .txt sidecars)
@@ -83,11 +85,11 @@ class TrainConfig:
 
 STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run for each stage
-    "diffusion": (1500, 1e-3, 32),   # 5.1: AdamW lr 1e-3
+    "diffusion": (1400, 1e-3, 32),   # 5.1: AdamW lr 1e-3; ~8 min
     "ufogen": (300, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D
     "distill": (300, 1e-4, 16),
     "vae": (850, 1e-3, 16),          # ~2.7 min on 2 cores -> ~25 dB held-out PSNR
-    "decoder": (1000, 1e-3, 16),     # ~2.7 min; the light decoder (0.45x the MACs) within 1.5 dB
+    "decoder": (500, 1e-3, 16),      # ~1.1 min; the light decoder (0.45x the MACs) within 1.5 dB
 }
 
 
@@ -551,13 +553,13 @@ class Denoiser(torch.nn.Module):
         return self.unet(x, t, ctx)
 
 
-def build_text_encoder(cfg: TrainConfig) -> md.TextEncoder:
+def build_text_encoder(cfg: TrainConfig, text_cfg: md.TextConfig) -> md.TextEncoder:
     if cfg.text_encoder:
         return md.TextEncoder.from_pretrained(cfg.text_encoder)
     if cfg.preset != "tiny":
         raise ValueError(f"--preset {cfg.preset} conditions on CLIP-ViT/L14 (3): give a local Hugging Face CLIP folder "
                          f"with --text_encoder path/to/clip-vit-large-patch14 (no downloads at run time)")
-    return md.TextEncoder(md.TEXT_PRESETS["tiny"])
+    return md.TextEncoder(text_cfg)
 
 
 def build_vae_for_diffusion(cfg: TrainConfig) -> vae_lib.VAE:
@@ -600,7 +602,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p.detach(), 1 - decay)
 
 
-def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world: int, device: str) -> str:
+def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world: int, device: str,
+                    text_cfg: md.TextConfig = md.TEXT_PRESETS["tiny"]) -> str:
     """Latent diffusion training of the MD UNet: v-prediction on VAE latents (sample.py explains the
     choice), text dropped with probability p_uncond for classifier-free guidance, AdamW (5.1), EMA."""
     import copy
@@ -608,7 +611,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     steps, base_lr = cfg.steps, cfg.lr
     ckpt_path = os.path.join(cfg.out_dir, "diffusion.pt")
     vae = build_vae_for_diffusion(cfg).to(device).requires_grad_(False)
-    text = build_text_encoder(cfg)
+    text = build_text_encoder(cfg, text_cfg)
     check_compatible(unet_cfg, vae, text)
     model = Denoiser(md.UNet(unet_cfg), text).to(device)
     sched = S.make_schedule()
@@ -629,6 +632,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         load_denoiser_state(model, ck["model"], ckpt_path)
         load_denoiser_state(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"]["torch"])                   # (the noise itself comes from (seed, step))
         start = ck["step"]
     if rank == 0:
         n_unet, n_text = md.count_params(model.unet), sum(p.numel() for p in text.parameters() if p.requires_grad)
@@ -680,7 +684,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or done):
             save_checkpoint(ckpt_path, {
                 "stage": "diffusion", "step": step + 1, "model": trainable_state(model), "ema": trainable_state(ema),
-                "opt": opt.state_dict(), "vae": vae.state_dict(),
+                "opt": opt.state_dict(), "vae": vae.state_dict(), "rng": {"torch": torch.get_rng_state()},
                 "config": {"unet": dataclasses.asdict(unet_cfg), "text": dataclasses.asdict(text.cfg),
                            "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg)}})
         if rank == 0 and grid_prompts and cfg.sample_every and ((step + 1) % cfg.sample_every == 0) and not done:
@@ -706,16 +710,16 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
 
 
 def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
-    """Load a Denoiser state; only a frozen text encoder's weights may be absent (they come from its folder)."""
+    """Load a Denoiser state; only the weights of a text encoder read from a folder may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if model.text.cfg.train or not k.startswith("text.")]
+    missing = [k for k in missing if not (model.text.source and k.startswith("text."))]
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def trainable_state(model: Denoiser) -> dict:
-    """The Denoiser's weights without a frozen text encoder (real CLIP is loaded from its own folder)."""
-    return {k: v for k, v in model.state_dict().items() if model.text.cfg.train or not k.startswith("text.")}
+    """The Denoiser's weights, without a text encoder read from a local folder (real CLIP reloads from there)."""
+    return {k: v for k, v in model.state_dict().items() if not (model.text.source and k.startswith("text."))}
 
 
 def update_eval(path: str, name: str, result: dict) -> None:
@@ -963,6 +967,7 @@ def parse_args(argv=None):
     md.add_config_flags(p, md.UNetConfig)
     md.add_config_flags(p, vae_lib.VAEConfig, prefix="vae_")
     md.add_config_flags(p, ufogen.UFOGenConfig)
+    md.add_config_flags(p, md.TextConfig, prefix="text_")
     args = p.parse_args(argv)
     cfg = md.config_from_args(TrainConfig(), args)
     if cfg.stage not in STAGES + ("all",):
@@ -986,11 +991,12 @@ def main(argv=None):
         teacher = cfg.init_from if cfg.stage == "decoder" and cfg.init_from else os.path.join(cfg.out_dir, "vae.pt")
         train_decoder(stage_config(cfg, "decoder"), light_cfg, teacher, rank, world, device)
     if cfg.stage in ("diffusion", "all"):
-        train_diffusion(stage_config(cfg, "diffusion"), unet_cfg, rank, world, device)
+        text_cfg = md.config_from_args(md.TEXT_PRESETS["tiny"], args, "text_")   # --text_* flags (tiny encoder)
+        train_diffusion(stage_config(cfg, "diffusion"), unet_cfg, rank, world, device, text_cfg)
     ucfg = md.config_from_args(ufogen.UFOGenConfig(), args)
     if cfg.stage in ("ufogen", "all"):
         train_ufogen(stage_config(cfg, "ufogen"), ucfg, rank, world, device)
-    if cfg.stage in ("distill", "all"):
+    if cfg.stage == "distill":                                  # not in "all": it does not fit the 15-minute tiny run
         train_distill(stage_config(cfg, "distill"), ucfg, rank, world, device)
     if world > 1:
         dist.destroy_process_group()

@@ -254,7 +254,7 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
             out = os.path.join(out_dir, name)
             train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--recon", recon,
                         "--lora_rank", str(rank), "--steps", str(steps), "--eval_images", str(eval_images),
-                        "--sample_every", "0", "--vae_ckpt", base_ckpt])
+                        "--sample_every", "0"])
             results[name] = json.load(open(os.path.join(out, "eval.json")))["onestep"]
     lines = [f"{'reconstruction loss':<22}{'No LoRA':>28}{'LoRA':>28}",
              f"{'':<22}{'col/bg/shape   FD':>28}{'col/bg/shape   FD':>28}"]

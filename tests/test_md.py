@@ -276,3 +276,13 @@ def test_flags_are_generated_from_config_fields():
     assert cfg.self_attn == (False, True, True)
     assert cfg.ff_mult == PRESETS["md"].ff_mult                            # untouched fields keep the preset
     assert {f.name for f in dataclasses.fields(UNetConfig)} <= {a.dest for a in p._actions}
+
+
+def test_pooled_text_switch_adds_one_projection_and_conditions_the_conv_path():
+    off, on = UNet(tiny(pooled_text=False)), UNet(tiny(pooled_text=True))
+    assert md.count_params(on) - md.count_params(off) == 128 * 4 * 32 + 4 * 32     # Linear(context_dim, 4*C0)
+    x, t, ctx = inputs(on.cfg)
+    no_ca = UNet(tiny(pooled_text=True, cross_attn=(False, False, False)))       # only the pooled path sees text
+    randomised(no_ca)
+    with torch.no_grad():
+        assert not torch.allclose(no_ca(x, t, ctx), no_ca(x, t, ctx.roll(1, 0)), atol=1e-5)
