@@ -313,6 +313,29 @@ def heldout_images(cfg: TrainConfig, n: int) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 
+def make_perceptual(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, device: str):
+    """The 3.5 perceptual loss if a local VGG16 file is given and the preset weights it; otherwise None,
+    said once in the log (never substituted silently)."""
+    if cfg.vgg_weights and vcfg.perceptual_weight > 0:
+        return vae_lib.PerceptualLoss(cfg.vgg_weights).to(device)
+    if rank == 0:
+        why = "perceptual_weight = 0 in this preset" if vcfg.perceptual_weight == 0 else "no --vgg_weights file given"
+        print(f"{cfg.stage}: perceptual loss OFF ({why}); training with the other loss terms only")
+    return None
+
+
+def resume_vae_gan(ckpt_path: str, vcfg: vae_lib.VAEConfig, model, disc, opt, opt_d) -> int:
+    """Restore a vae/decoder stage (VAE, discriminator, both optimisers, RNG); returns the step to go on from."""
+    ck = load_checkpoint(ckpt_path)
+    refuse_if_mismatch(ckpt_path, "VAE", ck["config"]["vae"], vcfg, ignore=("scaling_factor",))  # re-estimated
+    model.load_state_dict(ck["model"], source=ckpt_path)
+    disc.load_state_dict(ck["disc"])
+    opt.load_state_dict(ck["opt"])
+    opt_d.load_state_dict(ck["opt_d"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    return ck["step"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Stage: vae (3.5)
 # ----------------------------------------------------------------------------------------------------
@@ -327,22 +350,8 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
     # LDM trains its autoencoders with Adam(0.5, 0.9): a low beta1 keeps the GAN game from oscillating.
     opt = make_optimizer(model.parameters(), cfg, base_lr, betas=(0.5, 0.9))
     opt_d = make_optimizer(disc.parameters(), cfg, base_lr, betas=(0.5, 0.9))
-    start = 0
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
-        refuse_if_mismatch(ckpt_path, "VAE", ck["config"]["vae"], vcfg, ignore=("scaling_factor",))  # re-estimated
-        model.load_state_dict(ck["model"], source=ckpt_path)
-        disc.load_state_dict(ck["disc"])
-        opt.load_state_dict(ck["opt"])
-        opt_d.load_state_dict(ck["opt_d"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        start = ck["step"]
-    perceptual = None
-    if cfg.vgg_weights and vcfg.perceptual_weight > 0:
-        perceptual = vae_lib.PerceptualLoss(cfg.vgg_weights).to(device)
-    elif rank == 0:
-        why = "perceptual_weight = 0 in this preset" if vcfg.perceptual_weight == 0 else "no --vgg_weights file given"
-        print(f"vae: perceptual loss OFF ({why}); training with L2 + KL + adversarial only")
+    start = resume_vae_gan(ckpt_path, vcfg, model, disc, opt, opt_d) if cfg.resume else 0
+    perceptual = make_perceptual(cfg, vcfg, rank, device)
     net, dnet = wrap(model, cfg, world, device), wrap(disc, cfg, world, device)
     dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
     stream = batches(dataset, cfg, rank, world, start, device)
@@ -463,17 +472,8 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
     disc = vae_lib.PatchDiscriminator(light_cfg).to(device)
     opt = make_optimizer(trainable, cfg, base_lr, betas=(0.5, 0.9))
     opt_d = make_optimizer(disc.parameters(), cfg, base_lr, betas=(0.5, 0.9))
-    start = 0
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
-        refuse_if_mismatch(ckpt_path, "VAE", ck["config"]["vae"], light_cfg)
-        model.load_state_dict(ck["model"], source=ckpt_path)
-        disc.load_state_dict(ck["disc"])
-        opt.load_state_dict(ck["opt"])
-        opt_d.load_state_dict(ck["opt_d"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        start = ck["step"]
-    perceptual = vae_lib.PerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights and light_cfg.perceptual_weight > 0 else None
+    start = resume_vae_gan(ckpt_path, light_cfg, model, disc, opt, opt_d) if cfg.resume else 0
+    perceptual = make_perceptual(cfg, light_cfg, rank, device)
     dec = wrap(model.decoder, cfg, world, device)
     dnet = wrap(disc, cfg, world, device)
     dataset = data.make_dataset(cfg.data, "train", cfg.resolution)

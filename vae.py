@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from md import Upsample                                            # nearest 2x + 3x3 conv: the same in SD's VAE
+
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -154,15 +156,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):                                         # (B, C, H, W) -> (B, C, H/2, W/2)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):                                         # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
