@@ -482,9 +482,12 @@ class TextConfig:
 
 TEXT_PRESETS = {
     "clip-l14": TextConfig(),
-    # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet:
-    # a frozen *random* encoder also works but gives the UNet a harder readout (the colour word is spread
-    # over 3-6 byte positions of a random mixing), which costs accuracy in a 10-minute CPU budget.
+    # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet
+    # (the paper's CLIP is frozen, but a frozen *random* encoder spreads each colour word over 3-6 byte
+    # positions of a random mixing, a harder read-out for the UNet). Measured at 600 diffusion steps,
+    # colour / background / shape on training prompts: joint 0.92 / 1.00 / 0.44, frozen random
+    # 0.70 / 0.63 / 0.36 (held-out: 0.84 / 1.00 / 0.23 vs 0.39 / 0.45 / 0.13), for 25% more time per step.
+    # `--text_train false` reruns the frozen variant.
     "tiny": TextConfig(tokenizer="bytes", vocab_size=259, width=128, layers=2, heads=4, bos_id=256, eos_id=257,
                        pad_id=258, train=True),
 }
