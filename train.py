@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import evaluate
 import md
 import ufogen
 import vae as vae_lib
@@ -301,18 +302,6 @@ def vae_configs(cfg: TrainConfig, args) -> tuple:
     return full, light
 
 
-@torch.no_grad()
-def reconstruction_psnr(model: vae_lib.VAE, images: torch.Tensor, batch: int = 64) -> float:
-    out = [vae_lib.psnr(model.decode(model.encode(images[i:i + batch]).mode()), images[i:i + batch])
-           for i in range(0, len(images), batch)]
-    return float(torch.cat(out).mean())
-
-
-def heldout_images(cfg: TrainConfig, n: int) -> torch.Tensor:
-    ds = data.make_dataset(cfg.data, "heldout", cfg.resolution)
-    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
-
-
 def make_perceptual(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, device: str):
     """The 3.5 perceptual loss if a local VGG16 file is given and the preset weights it; otherwise None,
     said once in the log (never substituted silently)."""
@@ -396,7 +385,7 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
                                         "opt_d": opt_d.state_dict(), "rng": {"torch": torch.get_rng_state()},
                                         "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
-            save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
+            evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
     log.close()
     if rank == 0:
         # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
@@ -406,30 +395,15 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
         ck = load_checkpoint(ckpt_path)
         ck["config"]["vae"] = dataclasses.asdict(vcfg)
         save_checkpoint(ckpt_path, ck)
-        held = heldout_images(cfg, cfg.eval_images).to(device)
-        p = reconstruction_psnr(model, held)
+        held = evaluate.heldout_images(cfg, cfg.eval_images).to(device)
+        p = evaluate.reconstruction_psnr(model, held)
         report = {"psnr_heldout_db": p, "scaling_factor": vcfg.scaling_factor, "minutes": (time.time() - t0) / 60}
         print(f"vae: {steps} steps in {report['minutes']:.1f} min; held-out reconstruction PSNR {p:.2f} dB; "
               f"latent scaling factor {vcfg.scaling_factor:.4f}")
-        write_json(os.path.join(cfg.out_dir, "vae_eval.json"), report)
-        save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, "vae_recon.png"))
+        evaluate.write_json(os.path.join(cfg.out_dir, "vae_eval.json"), report)
+        evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, "vae_recon.png"))
         plot_curves(log.path, os.path.join(cfg.out_dir, "loss_vae.png"), "vae", ["loss", "l2", "kl", "d_loss"])
     return ckpt_path
-
-
-def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def save_recon_grid(cfg: TrainConfig, models: list, path: str, n: int = 8) -> None:
-    """Figure 3 layout: a row of held-out inputs, then one row of reconstructions per model."""
-    x = heldout_images(cfg, n).to(next(models[0].parameters()).device)
-    rows = [x] + [m.decode(m.encode(x).mode()) for m in models]
-    data.image_grid(torch.cat(rows).cpu(), nrow=len(x)).save(path)
 
 
 def load_vae(path: str, light: bool = False) -> vae_lib.VAE:
@@ -521,13 +495,13 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
     log.close()
     if rank == 0:
         model.eval()
-        held = heldout_images(cfg, cfg.eval_images).to(device)
-        p_full, p_light = reconstruction_psnr(teacher, held), reconstruction_psnr(model, held)
+        held = evaluate.heldout_images(cfg, cfg.eval_images).to(device)
+        p_full, p_light = evaluate.reconstruction_psnr(teacher, held), evaluate.reconstruction_psnr(model, held)
         report = {"psnr_full_db": p_full, "psnr_light_db": p_light, "minutes": (time.time() - t0) / 60}
         print(f"decoder: {steps} steps in {report['minutes']:.1f} min; held-out PSNR full {p_full:.2f} dB, "
               f"light {p_light:.2f} dB ({p_light - p_full:+.2f} dB)")
-        write_json(os.path.join(cfg.out_dir, "decoder_eval.json"), report)
-        save_recon_grid(cfg, [teacher, model], os.path.join(cfg.out_dir, "decoder_recon.png"))
+        evaluate.write_json(os.path.join(cfg.out_dir, "decoder_eval.json"), report)
+        evaluate.save_recon_grid(cfg, [teacher, model], os.path.join(cfg.out_dir, "decoder_recon.png"))
         plot_curves(log.path, os.path.join(cfg.out_dir, "loss_decoder.png"), "decoder", ["loss", "l2", "d_loss"])
     return ckpt_path
 
@@ -579,23 +553,6 @@ def check_compatible(unet_cfg: md.UNetConfig, vae: vae_lib.VAE, text: md.TextEnc
                          f"{text.cfg.width} (set --context_dim {text.cfg.width})")
 
 
-def heldout_prompts(cfg: TrainConfig, n: int) -> list[str]:
-    """Captions of the held-out split: attribute combinations never seen in training."""
-    ds = data.make_dataset(cfg.data, "heldout", cfg.resolution)
-    return [ds[i][1] for i in range(min(n, len(ds)))]
-
-
-@torch.no_grad()
-def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, **sample_kw) -> dict:
-    """Attribute accuracy (data.check_attributes vs the prompt) of generated images, and wall ms per image."""
-    images, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        images.append(pipe.images(prompts[i:i + batch], seed=i, **sample_kw).cpu())
-    ms = 1000 * (time.perf_counter() - t0) / len(prompts)
-    images = torch.cat(images)
-    return {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}, images
-
-
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -644,7 +601,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     log = Log(cfg.out_dir, "diffusion", steps, start, rank)
     per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
     lat = (unet_cfg.in_channels, cfg.resolution // vae.cfg.factor, cfg.resolution // vae.cfg.factor)
-    grid_prompts = heldout_prompts(cfg, 8) + [dataset[i][1] for i in range(8)] if cfg.data == "shapes" else None
+    grid_prompts = evaluate.heldout_prompts(cfg, 8) + [dataset[i][1] for i in range(8)] if cfg.data == "shapes" else None
     t0, seen = time.time(), 0
     for step in range(start, steps):
         lr = lr_at(step, cfg, base_lr, steps)
@@ -699,10 +656,10 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         plot_curves(log.path, os.path.join(cfg.out_dir, "loss_diffusion.png"), "diffusion", ["loss"])
         if cfg.data == "shapes":
             pipe = S.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
-            prompts = [p for p in heldout_prompts(cfg, cfg.eval_images)]
+            prompts = [p for p in evaluate.heldout_prompts(cfg, cfg.eval_images)]
             name = f"ddim{cfg.eval_steps}"
-            res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
-            update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+            res, imgs = evaluate.evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
+            evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
             data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, "samples_final.png"))
             print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
                   + ", ".join(f"{k} {v:.3f}" if k != "ms_per_image" else f"{v:.1f} ms/image" for k, v in res.items()))
@@ -720,13 +677,6 @@ def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
 def trainable_state(model: Denoiser) -> dict:
     """The Denoiser's weights, without a text encoder read from a local folder (real CLIP reloads from there)."""
     return {k: v for k, v in model.state_dict().items() if not (model.text.source and k.startswith("text."))}
-
-
-def update_eval(path: str, name: str, result: dict) -> None:
-    """eval.json: {"<sampler>": {"color": .., "background": .., "shape": .., "ms_per_image": ..}, ...}."""
-    obj = json.load(open(path)) if os.path.isfile(path) else {}
-    obj[name] = {k: v for k, v in result.items() if k in ("color", "background", "shape", "ms_per_image", "style", "fd")}
-    write_json(path, obj)
 
 
 def load_diffusion(path: str, ema: bool = True):
@@ -854,29 +804,8 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
         print(f"ufogen: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
         plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, ["d_loss", "g_adv", "recon"])
         if cfg.data == "shapes":
-            one_step_report(cfg, base, ckpt_path, device)
+            evaluate.one_step_report(cfg, base, ckpt_path, device)
     return ckpt_path
-
-
-@torch.no_grad()
-def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str) -> None:
-    """eval.json's "onestep" (UFOGen, 1 step, no CFG: 5.2 "UFOGen does not have cfg") and "ddim1" (the base
-    model's 1-step DDIM, the blurry E[x0 | x_T] of 4.2), with a Frechet distance on pixel features; and one
-    grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
-    import sample as S
-    prompts = heldout_prompts(cfg, cfg.eval_images)
-    real = heldout_images(cfg, cfg.eval_images)
-    base, ufo = S.Pipeline.from_checkpoint(base_path, device), S.Pipeline.from_checkpoint(ufo_path, device)
-    rows = []
-    for name, pipe, kw in [("onestep", ufo, dict(steps=1, guidance_scale=1.0, sampler="renoise")),
-                           ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
-        res, imgs = evaluate_t2i(pipe, prompts, **kw)
-        res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(real))
-        update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
-        print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-        rows.append(imgs[:8])
-    top = base.images(prompts[:8], steps=cfg.eval_steps, guidance_scale=cfg.guidance, seed=0).cpu()
-    data.image_grid(torch.cat([top, rows[1], rows[0]]), nrow=8).save(os.path.join(cfg.out_dir, "onestep_vs_base.png"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -948,11 +877,11 @@ def train_distill(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) ->
         print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
         if cfg.data == "shapes":
             pipe = S.Pipeline.from_checkpoint(ckpt_path, device)
-            prompts = heldout_prompts(cfg, cfg.eval_images)
-            res, imgs = evaluate_t2i(pipe, prompts, steps=ucfg.target_steps, guidance_scale=1.0)
-            res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(heldout_images(cfg, cfg.eval_images)))
+            prompts = evaluate.heldout_prompts(cfg, cfg.eval_images)
+            res, imgs = evaluate.evaluate_t2i(pipe, prompts, steps=ucfg.target_steps, guidance_scale=1.0)
+            res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(evaluate.heldout_images(cfg, cfg.eval_images)))
             name = f"{ucfg.target_steps}step"
-            update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+            evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
             print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     return ckpt_path
 
