@@ -185,12 +185,13 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True) -> "Pipeline":
         from train import load_diffusion
-        unet, vae, text, resolution = load_diffusion(path, ema=ema)
-        return cls(unet.to(device), vae.to(device), text.to(device), device=device, resolution=resolution)
+        unet, vae, text, conf = load_diffusion(path, ema=ema)
+        return cls(unet.to(device), vae.to(device), text.to(device), device=device,
+                   resolution=conf["train"].get("resolution", 512))
 
     @torch.no_grad()
     def latents(self, prompts, steps=50, guidance_scale=3.0, seed=0, height=None, width=None,
-                negative_prompt="", sampler="ddim", eta=0.0, denoiser=None):
+                negative_prompt="", sampler="ddim", eta=0.0):
         """The sampled latents (B, c, H/8, W/8), unscaled (ready for vae.decode)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae.cfg.factor
@@ -203,7 +204,7 @@ class Pipeline:
         ctx = self.text_encoder(prompts)
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         uncond = self.text_encoder(negs)
-        denoise = denoiser or guided_denoiser(self.unet, self.sched, ctx, uncond, guidance_scale)
+        denoise = guided_denoiser(self.unet, self.sched, ctx, uncond, guidance_scale)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         z = SAMPLERS[sampler](denoise, x, self.sched, steps, generator=g, **kwargs)
         return z / self.vae.cfg.scaling_factor

@@ -269,11 +269,6 @@ def plot_curves(metrics_path: str, png_path: str, stage: str, keys: list[str]) -
     im.save(png_path)
 
 
-def unwrap(model):
-    model = getattr(model, "module", model)                      # DDP
-    return getattr(model, "_orig_mod", model)                    # torch.compile
-
-
 def wrap(model, cfg: TrainConfig, world: int, device: str):
     if cfg.compile:
         model = torch.compile(model)
@@ -379,6 +374,10 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
             clip_and_step(disc.parameters(), opt_d, cfg)
         log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == steps)
         done = step + 1 == steps
+        if rank == 0 and done:
+            # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
+            sample = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))]).to(device)
+            vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, sample)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or done):
             save_checkpoint(ckpt_path, {"stage": "vae", "step": step + 1, "model": model.state_dict(),
                                         "disc": disc.state_dict(), "opt": opt.state_dict(),
@@ -388,13 +387,6 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
             evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
     log.close()
     if rank == 0:
-        # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
-        model.eval()
-        sample = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))]).to(device)
-        vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, sample)
-        ck = load_checkpoint(ckpt_path)
-        ck["config"]["vae"] = dataclasses.asdict(vcfg)
-        save_checkpoint(ckpt_path, ck)
         held = evaluate.heldout_images(cfg, cfg.eval_images).to(device)
         p = evaluate.reconstruction_psnr(model, held)
         report = {"psnr_heldout_db": p, "scaling_factor": vcfg.scaling_factor, "minutes": (time.time() - t0) / 60}
@@ -406,15 +398,18 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
     return ckpt_path
 
 
-def load_vae(path: str, light: bool = False) -> vae_lib.VAE:
+def config_from_dict(cls, d: dict):
+    """A config dataclass from its saved dict (lists back to tuples; fields a newer version dropped ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def load_vae(path: str) -> vae_lib.VAE:
     """A VAE from a vae.pt / decoder.pt checkpoint (config stored inside)."""
     ck = load_checkpoint(path)
     if "vae" not in ck.get("config", {}):
         raise ValueError(f"{path}: not a VAE checkpoint (no config['vae']); it was written by stage {ck.get('stage')!r}")
-    fields = {f.name for f in dataclasses.fields(vae_lib.VAEConfig)}
-    vcfg = vae_lib.VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["vae"].items()
-                                if k in fields})
-    model = vae_lib.VAE(vcfg)
+    model = vae_lib.VAE(config_from_dict(vae_lib.VAEConfig, ck["config"]["vae"]))
     model.load_state_dict(ck["model"], source=path)
     return model.eval()
 
@@ -680,21 +675,20 @@ def trainable_state(model: Denoiser) -> dict:
 
 
 def load_diffusion(path: str, ema: bool = True):
-    """(unet, vae, text_encoder, resolution) from a diffusion.pt written by the diffusion stage."""
+    """(unet, vae, text_encoder, saved config dict) from a diffusion.pt written by the diffusion stage
+    (or a ufogen.pt / distill.pt, which share its format)."""
     ck = load_checkpoint(path)
     conf = ck.get("config", {})
     if "unet" not in conf:
         raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
-    def dc(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-    ucfg, tcfg, vcfg, tr = dc(md.UNetConfig, conf["unet"]), dc(md.TextConfig, conf["text"]), dc(vae_lib.VAEConfig, conf["vae"]), conf["train"]
+    ucfg, tcfg = config_from_dict(md.UNetConfig, conf["unet"]), config_from_dict(md.TextConfig, conf["text"])
+    vcfg, tr = config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
     model = Denoiser(md.UNet(ucfg), text)
     load_denoiser_state(model, ck["ema" if ema else "model"], path)
     vae = vae_lib.VAE(vcfg)
     vae.load_state_dict(ck["vae"], source=path)
-    return model.unet.eval(), vae.eval(), model.text.eval(), tr.get("resolution", 512)
+    return model.unet.eval(), vae.eval(), model.text.eval(), conf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -720,17 +714,23 @@ def save_generator(path: str, step: int, gen: torch.nn.Module, gen_ema: torch.nn
     save_checkpoint(path, payload)
 
 
+def load_base(cfg: TrainConfig, device: str):
+    """The pretrained diffusion model the post-training stages start from (--init_from, else out_dir's
+    diffusion.pt), its frozen VAE and text encoder on `device`, its saved config, and cfg with the base's
+    text encoder folder (so the stage's checkpoint reloads with the same encoder)."""
+    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
+    unet, vae, text, conf = load_diffusion(base, ema=True)
+    cfg = dataclasses.replace(cfg, text_encoder=conf["train"].get("text_encoder", ""))
+    return base, unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False), conf, cfg
+
+
 def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> str:
     """4.1 Eq. 1 with the 4.2 reconstruction term of choice and optional 4.3 LoRA. One G forward per step
     serves both players: D learns on its detached output, G on the same output through the frozen D."""
     import ufogen as U
     import sample as S
     U.validate(ucfg)
-    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
-    unet, vae, text, _ = load_diffusion(base, ema=True)
-    base_conf = load_checkpoint(base)["config"]
-    cfg = dataclasses.replace(cfg, text_encoder=base_conf["train"].get("text_encoder", ""))   # same encoder as the base
-    unet, vae, text = unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False)
+    base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
     sched = S.make_schedule()
     teacher = copy.deepcopy(unet).requires_grad_(False) if ucfg.recon == "distill" else None   # Eq. 2
     disc = U.Discriminator(unet).to(device)                                                   # 4.1: from the base
@@ -819,12 +819,8 @@ def train_distill(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) ->
     import ufogen as U
     import sample as S
     U.validate(ucfg)
-    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
-    unet, vae, text, _ = load_diffusion(base, ema=True)
-    base_conf = load_checkpoint(base)["config"]
-    cfg = dataclasses.replace(cfg, text_encoder=base_conf["train"].get("text_encoder", ""))   # same encoder as the base
-    teacher = unet.to(device).requires_grad_(False)
-    vae, text = vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False)
+    base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
+    teacher = unet.requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     student_ema = copy.deepcopy(student).requires_grad_(False)
     sched = S.make_schedule()
