@@ -1,19 +1,31 @@
 """
-Evaluation of the tiny setup, the stand-ins for 5.1's metrics that need no download: reconstruction PSNR
-(3.5), attribute accuracy of generated images read by data.check_attributes, a Frechet distance on pixel
-features (data.frechet_distance), milliseconds per image; the files they write (eval.json, grids).
-The training stages in train.py call these at their end.
+evaluate.py -- the paper's metrics (5.1 "Metrics", Tables 2 and 3) and the toy-scale report.
+
+For the tiny setup, stand-ins that need no download: reconstruction PSNR (3.5), attribute accuracy of generated
+images read by data.check_attributes, a Frechet distance on pixel features (data.frechet_distance: 8x8
+area-averaged thumbnails, no network), milliseconds per image; train.py's stages call these at their end.
+For real data, 5.1's zero-shot FID-30K (InceptionV3 pool features, from torch-fidelity) and CLIP score
+(OpenCLIP ViT-g/14), both optional packages with weights read from local files.
+
+  python evaluate.py --ckpt out/tiny/ufogen.pt --sampler onestep                     # tiny: held-out prompts
+  python evaluate.py --ckpt md.pt --prompts coco_val2014_30k.txt --ref_dir coco_val2014/ --sampler ddim50 \
+      --n 30000 --inception_weights weights-inception-2015-12-05-6726825d.pth \
+      --clip_model ViT-g-14 --clip_weights open_clip_vit_g14.bin                       # FID-30K + CLIP score
+  python evaluate.py --paper_tables                                                  # out/report/report.md
 """
 
 from __future__ import annotations                              # cfg is a train.TrainConfig (no import cycle)
 
+import argparse
 import json
 import os
 import time
 
 import torch
+from tqdm import tqdm
 
 import data
+import md
 import vae as vae_lib
 
 
@@ -87,3 +99,260 @@ def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str
         rows.append(imgs[:8])
     top = base.images(prompts[:8], steps=cfg.eval_steps, guidance_scale=cfg.guidance, seed=0).cpu()
     data.image_grid(torch.cat([top, rows[1], rows[0]]), nrow=8).save(os.path.join(cfg.out_dir, "onestep_vs_base.png"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5.1 Metrics for real data: FID-30K and CLIP score, on images generated (resumably) to a folder
+# ----------------------------------------------------------------------------------------------------
+
+# The samplers of Table 2 (and the abstract's 8 steps), as Pipeline keyword arguments.
+EVAL_SAMPLERS = {
+    "ddim50": dict(steps=50, guidance_scale=3.0, sampler="ddim"),        # 5.2: DDIM 50 steps, CFG ~3
+    "eight_step": dict(steps=8, guidance_scale=1.0, sampler="ddim"),     # the distilled student, CFG folded in
+    "onestep": dict(steps=1, guidance_scale=1.0, sampler="renoise"),     # UFOGen: one step, no CFG
+}
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"           # torch-fidelity's converted TF-FID weights
+
+
+def need(package: str, pip_name: str):
+    """Import an optional package or stop with a message naming it (not a traceback)."""
+    import importlib
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise SystemExit(f"this needs the optional package {pip_name!r}: pip install {pip_name}") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    """captions.txt (one per line) or metadata.jsonl (diffusers' layout: a "text" or "caption" field)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in f if line.strip()]
+            bad = [i for i, r in enumerate(rows) if not isinstance(r.get("text", r.get("caption")), str)]
+            if bad:
+                raise ValueError(f"{path}: line {bad[0] + 1} has no 'text' or 'caption' string")
+            return [r.get("text", r.get("caption")) for r in rows]
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int = 0, **sample_kw) -> list[str]:
+    """Write prompts[i] -> folder/000000i.png, in fixed batches seeded by their first index, so a resumed run
+    skips finished batches and reproduces the rest exactly. Files appear atomically (tmp + rename)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{i:07d}.png") for i in range(len(prompts))]
+    todo = [i for i in range(0, len(prompts), batch) if not all(os.path.isfile(p) for p in paths[i:i + batch])]
+    for i in tqdm(todo, desc=f"generate ({len(prompts) - len(todo) * batch if todo else len(prompts)} done)"):
+        images = pipe.images(prompts[i:i + batch], seed=seed + i, **sample_kw).cpu()
+        for path, img in zip(paths[i:i + batch], images):
+            if not os.path.isfile(path):
+                data.to_pil(img).save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+    return paths
+
+
+def load_folder(paths: list[str], size: int | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8 from image files (resized to `size` if given)."""
+    from PIL import Image
+    import numpy as np
+    out = []
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        if size:
+            im = im.resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def inception_features(paths: list[str], weights: str | None, batch: int = 50, device: str = "cpu") -> torch.Tensor:
+    """(N, 2048) InceptionV3 pool3 features, the FID network (Heusel et al. 2017), as torch-fidelity computes
+    them (TF-FID's graph ported to PyTorch, bilinear resize to 299 as TF 1.x). Weights: a local file."""
+    if not weights or not os.path.isfile(weights):
+        raise SystemExit(f"FID needs the InceptionV3 weights file {INCEPTION_FILE} (torch-fidelity's, from its "
+                         f"GitHub releases), given with --inception_weights; got {weights!r}. It cannot be "
+                         f"downloaded here; without it use the pixel Frechet distance (--ref_dir still works).")
+    fe = need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity")
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device)
+    feats = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(paths), batch), desc="inception features"):
+            feats.append(net(load_folder(paths[i:i + batch]).to(device))[0].cpu())
+    return torch.cat(feats)
+
+
+def clip_score(paths: list[str], prompts: list[str], model: str, weights: str | None, device: str = "cpu") -> float:
+    """5.1: CLIP score with OpenCLIP (ViT-g/14 in the paper): mean over images of max(cos(image, text), 0)
+    (the paper reports it unscaled, 0.32; torchmetrics multiplies by 100)."""
+    if not weights or not os.path.isfile(weights):
+        raise SystemExit(f"CLIP score needs local OpenCLIP weights for {model} (--clip_weights FILE); got {weights!r}")
+    open_clip = need("open_clip", "open_clip_torch")
+    net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device=device)
+    tok = open_clip.get_tokenizer(model)
+    from PIL import Image
+    scores = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(paths), 32), desc="clip score"):
+            ims = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[i:i + 32]]).to(device)
+            a = torch.nn.functional.normalize(net.encode_image(ims), dim=-1)
+            b = torch.nn.functional.normalize(net.encode_text(tok(prompts[i:i + 32]).to(device)), dim=-1)
+            scores.append((a * b).sum(-1).clamp_min(0).cpu())
+    return float(torch.cat(scores).mean())
+
+
+def list_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--ref_dir {folder}: no such folder")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(data.IMAGE_EXTS))
+    if not paths:
+        raise FileNotFoundError(f"--ref_dir {folder}: no images ({', '.join(data.IMAGE_EXTS)})")
+    return paths
+
+
+def evaluate_cli(args) -> dict:
+    """Generate for --prompts (or the tiny held-out prompts) with --sampler, then every metric available."""
+    import sample as S
+    from train import TrainConfig
+    pipe = S.Pipeline.from_checkpoint(args.ckpt)
+    tiny = args.prompts is None
+    if tiny:                                                      # synthetic shapes: checker + pixel Frechet
+        cfg = TrainConfig(resolution=pipe.resolution)
+        prompts = heldout_prompts(cfg, args.n or cfg.eval_images)
+    else:
+        prompts = read_prompts(args.prompts)[:args.n or None]
+    folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), f"eval_{args.sampler}")
+    t0 = time.perf_counter()
+    paths = generate(pipe, prompts, folder, args.batch, args.seed, **EVAL_SAMPLERS[args.sampler])
+    result = {"sampler": args.sampler, "n": len(paths), "images": folder}
+    images = load_folder(paths).float() / 127.5 - 1
+    if tiny:
+        result.update(data.attribute_accuracy(images, prompts))
+        real = heldout_images(TrainConfig(resolution=pipe.resolution), len(prompts))
+        result["fd_pixels"] = data.frechet_distance(data.pixel_features(images), data.pixel_features(real))
+    if args.ref_dir:
+        refs = list_images(args.ref_dir)
+        real = load_folder(refs, size=pipe.resolution).float() / 127.5 - 1
+        result["fd_pixels"] = data.frechet_distance(data.pixel_features(images), data.pixel_features(real))
+        if args.inception_weights or not args.no_fid:
+            result["fid"] = data.frechet_distance(inception_features(paths, args.inception_weights),
+                                                  inception_features(refs, args.inception_weights))
+    if args.clip_weights:
+        result["clip_score"] = clip_score(paths, prompts, args.clip_model, args.clip_weights)
+    result["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(result, indent=2))
+    write_json(os.path.join(folder, "metrics.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# --paper_tables: the paper's comparisons at toy scale, one report
+# ----------------------------------------------------------------------------------------------------
+
+PAPER_TABLE2 = {"MD, DDIM 50 steps": (8.65, 0.325), "MD, 1 step (UFOGen)": (11.67, 0.320)}   # FID-30K, CLIP
+PAPER_TABLE5 = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (12.08, 14.05)}  # full / LoRA FID
+
+
+def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: bool = True) -> str:
+    """Tables 1, 2, 4 and 5 from what the tiny run left in run_dir, each row marked measured or quoted."""
+    import export_coreml
+    import sample as S
+    from train import TrainConfig
+    os.makedirs(report_dir, exist_ok=True)
+    t_start, out = time.time(), ["# MobileDiffusion at toy scale: the paper's tables", ""]
+    out += ["## Table 1: UNet cost (measured: our count of our presets; quoted: the paper)", "", "```",
+            md.table1(["sd", "md", "md-lite"]), "```", ""]
+
+    # Table 2: samplers on the held-out prompts, same prompts and seeds for every row.
+    cfg = TrainConfig()
+    prompts, real = heldout_prompts(cfg, eval_images), heldout_images(cfg, eval_images)
+    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", EVAL_SAMPLERS["ddim50"]),
+            ("8-step student", "distill.pt", EVAL_SAMPLERS["eight_step"]),
+            ("1-step UFOGen", "ufogen.pt", EVAL_SAMPLERS["onestep"]),
+            ("1-step DDIM + CFG 3 (base)", "diffusion.pt", dict(steps=1, guidance_scale=3.0, sampler="ddim"))]
+    out += [f"## Table 2 (toy): {len(prompts)} held-out prompts (unseen attribute combinations), 2 CPU cores", "",
+            "| model | colour | background | shape | Fréchet (8×8 pixels) | ms / image | |", "|---|---|---|---|---|---|---|"]
+    grid = []
+    for name, file, kw in rows:
+        path = os.path.join(run_dir, file)
+        if not os.path.isfile(path):
+            out.append(f"| {name} | | | | | | not run: no {path} (python train.py{' --stage distill' if file == 'distill.pt' else ''}) |")
+            continue
+        res, imgs = evaluate_t2i(S.Pipeline.from_checkpoint(path), prompts, **kw)
+        fd = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(real))
+        out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {fd:.1f} "
+                   f"| {res['ms_per_image']:.1f} | measured |")
+        grid.append(imgs[:8])
+    for name, (fid, clip) in PAPER_TABLE2.items():
+        out.append(f"| {name} (MS-COCO 30K) | FID {fid} | CLIP {clip} | | | | quoted, paper Table 2 |")
+    if grid:
+        data.image_grid(torch.cat(grid), nrow=8).save(os.path.join(report_dir, "table2_samples.png"))
+        out += ["", "Rows of `table2_samples.png`: the measured rows above, in order, first 8 prompts.", ""]
+
+    # Table 4: per-component latency of the exported pipeline on this machine.
+    ckpt = next((os.path.join(run_dir, f) for f in ("ufogen.pt", "diffusion.pt") if os.path.isfile(os.path.join(run_dir, f))), None)
+    argv = ["--ckpt", ckpt] if ckpt else ["--preset", "tiny", "--resolution", "64"]
+    fmt = "none"                                                  # PyTorch eager only, unless LiteRT is here
+    if litert:
+        try:
+            need("ai_edge_litert", "ai-edge-litert"), need("litert_torch", "litert-torch")
+            fmt = "litert"
+        except SystemExit as e:
+            print(f"Table 4: {e}; PyTorch eager only")
+    argv += ["--format", fmt, "--benchmark", "--out", os.path.join(report_dir, "export"),
+             "--json", os.path.join(report_dir, "table4.json")]
+    export_coreml.main(argv)
+    rows4 = json.load(open(os.path.join(report_dir, "table4.json")))
+    out += ["## Table 4 (toy): per-component latency on this machine, 1 step "
+            f"({'a trained checkpoint, ' + os.path.basename(ckpt) if ckpt else 'random tiny weights'})", "",
+            export_coreml.table4(rows4), ""]
+
+    # Table 5: the six UFOGen variants (python ufogen.py --table5 writes run_dir/table5/table5.md).
+    t5 = os.path.join(run_dir, "table5", "table5.md")
+    out += ["## Table 5 (toy): reconstruction loss x {full, LoRA}, 1-step samples", ""]
+    if os.path.isfile(t5):
+        out += [open(t5).read().strip(), "", "(measured: colour/background/shape accuracy and pixel Fréchet distance)"]
+    else:
+        out += [f"not run: no {t5} (python ufogen.py --table5, ~25 min on 2 cores)"]
+    out += ["", "| reconstruction loss | No LoRA FID | LoRA FID | |", "|---|---|---|---|"]
+    out += [f"| {k} loss | {a} | {b} | quoted, paper Table 5 |" for k, (a, b) in PAPER_TABLE5.items()]
+    out += ["", f"Report written in {(time.time() - t_start) / 60:.1f} min."]
+    text = "\n".join(out)
+    with open(os.path.join(report_dir, "report.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, or the toy report")
+    p.add_argument("--paper_tables", action="store_true", help="the tiny run's Tables 1, 2, 4, 5 -> --report_dir")
+    p.add_argument("--run_dir", default="out/tiny", help="--paper_tables: where the tiny run wrote its checkpoints")
+    p.add_argument("--report_dir", default="out/report")
+    p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
+    p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt)")
+    p.add_argument("--sampler", default="ddim50", choices=sorted(EVAL_SAMPLERS))
+    p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")
+    p.add_argument("--ref_dir", help="real images for FID / pixel Frechet")
+    p.add_argument("--n", type=int, default=0, help="number of prompts (5.1: 30000); 0 = all")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", help="where generated images go (default: next to --ckpt, eval_<sampler>/)")
+    p.add_argument("--inception_weights", help=f"local {INCEPTION_FILE} for FID")
+    p.add_argument("--no_fid", action="store_true", help="with --ref_dir: only the pixel Frechet distance")
+    p.add_argument("--clip_model", default="ViT-g-14", help="OpenCLIP model name (5.1: ViT-g/14)")
+    p.add_argument("--clip_weights", help="local OpenCLIP weights file for the CLIP score")
+    args = p.parse_args(argv)
+    if args.paper_tables:
+        t0 = time.time()
+        text = paper_tables(args.run_dir, args.report_dir, litert=not args.no_litert)
+        print(text)
+        print(f"wrote {args.report_dir}/report.md in {(time.time() - t0) / 60:.1f} min")
+        return text
+    if not args.ckpt:
+        p.error("give --ckpt (or --paper_tables)")
+    if not os.path.isfile(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+    return evaluate_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -625,14 +625,17 @@ class TextEncoder(nn.Module):
         self.text_model.encoder = nn.Module()
         self.text_model.encoder.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
         self.text_model.final_layer_norm = nn.LayerNorm(cfg.width)
-        self.register_buffer("causal", torch.full((cfg.max_len, cfg.max_len), float("-inf")).triu(1), persistent=False)
+        # Causal mask: -1e4 rather than -inf (exp underflows to exactly 0 either way): an infinite constant
+        # breaks weight compression and fp16 arithmetic in the on-device exports (export_coreml.py).
+        self.register_buffer("causal", torch.full((cfg.max_len, cfg.max_len), -1e4).triu(1), persistent=False)
         nn.init.normal_(self.text_model.embeddings.token_embedding.weight, std=0.02)
         nn.init.normal_(self.text_model.embeddings.position_embedding.weight, std=0.01)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:     # (B, L) -> (B, L, D)
         tm, L = self.text_model, ids.shape[1]
-        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[:L]
-        mask = self.causal[:L, :L].to(x.dtype)
+        pos = torch.arange(L, device=ids.device)                  # position ids, as HF (a no-op slice of the
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(pos)   # table would export as
+        mask = (self.causal if L == self.cfg.max_len else self.causal[:L, :L]).to(x.dtype)  # an alias Core ML rejects)
         for layer in tm.encoder.layers:
             x = layer(x, mask)
         return tm.final_layer_norm(x)

@@ -52,13 +52,36 @@ class UFOGenConfig:
     lora_convs: bool = False         # also put LoRA on the conv blocks' convolutions
     logit_clamp: float = 0.5         # UFOGen's BCE logit clamp (0 = off)
     d_lr_mult: float = 1.0           # D's learning rate relative to G's
+    recon_guidance: float = 1.0      # CFG scale of the distill/ema target (1 = Eq. 2/3 as printed; > 1 folds
+                                     # guidance into G, as for the 8-step student, Meng et al. [38])
+    t_power: float = 1.0             # t = T u^(1/t_power), u ~ U(0,1): 1 = uniform (UFOGen); > 1 favours the large t
+                                     # that one-step sampling starts from
     target_steps: int = 8            # distill stage: the student's number of steps (abstract: 8)
     teacher_steps: int = 50          # distill stage: the guided DDIM teacher's steps (5.2: 50)
+
+
+# Presets, chosen by train.py's --preset (flags still override each field). "paper" is UFOGen's released
+# recipe. "tiny" is what makes one step work in a 300-step, 2-core budget (measured, README "One step"):
+# with the zero-terminal-SNR schedule, x_{t'} for t' = t - 250 is almost pure noise whenever t is large
+# (at t' = 749, alpha = 0.18), so D cannot see what is wrong with G(x_T) -- its loss stays at 2 ln 2 -- while
+# uniform t spends most of G's updates at small t, which one-step sampling never visits. Drawing t near T
+# (t_power 4: 68% of t above 0.75 T) with t' = t - 750 (alpha 0.81 at t' = 249) gives D a clear view of
+# one-step samples; D learns faster (5x lr, no clamp), and lambda 0.1 lets the adversarial term sharpen
+# the blurry E[x0 | x_T] that the reconstruction term alone would converge to (4.2).
+PRESETS = {
+    "paper": UFOGenConfig(),
+    "tiny": UFOGenConfig(gap=750, t_power=4.0, lam=0.1, d_lr_mult=5.0, logit_clamp=0.0),
+}
 
 
 def validate(cfg: UFOGenConfig) -> None:
     if cfg.recon not in ("diffusion", "distill", "ema"):
         raise ValueError(f"UFOGenConfig.recon = {cfg.recon!r}, expected 'diffusion', 'distill' or 'ema'")
+    if cfg.recon_guidance != 1.0 and cfg.recon == "diffusion":
+        raise ValueError(f"UFOGenConfig.recon_guidance = {cfg.recon_guidance} needs a model target: recon 'distill' or 'ema', "
+                         f"not 'diffusion' (its target is the data x0)")
+    if cfg.t_power <= 0:
+        raise ValueError(f"UFOGenConfig.t_power = {cfg.t_power}, expected > 0")
     if not 0 <= cfg.gap < S.T:
         raise ValueError(f"UFOGenConfig.gap = {cfg.gap}, expected 0 .. {S.T - 1}")
     if cfg.target_steps < 1 or cfg.teacher_steps < cfg.target_steps:
@@ -117,14 +140,23 @@ def gamma(sched: dict, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return S._at(sched["sigma"], t, like) ** -2
 
 
-def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_ema=None):
+def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_ema=None, uncond=None):
     """The x0 that G's prediction is pulled towards: data (Eq. 1), the frozen teacher's prediction
-    (Eq. 2) or the EMA generator's (Eq. 3), all under stop-gradient."""
+    (Eq. 2) or the EMA generator's (Eq. 3), all under stop-gradient. With cfg.recon_guidance > 1 the teacher's
+    prediction is classifier-free guided (`uncond`: the empty prompt's context), so the one-step model
+    learns the guided model that DDIM-50 + CFG samples from, although it is itself sampled without CFG."""
     if cfg.recon == "diffusion":
         return x0
     net = teacher if cfg.recon == "distill" else g_ema
     with torch.no_grad():
-        return S.x0_from_v(sched, x_t, t, net(x_t, t, context))
+        return S.guided_denoiser(net, sched, context, uncond, cfg.recon_guidance)(x_t, t)
+
+
+def sample_t(cfg: UFOGenConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) training timesteps in [1, T). UFOGen draws them uniformly; t_power > 1 puts more of them near T,
+    where a one-step sampler evaluates G, at the cost of the small t that multi-step sampling also uses."""
+    u = torch.rand(n, generator=generator) ** (1.0 / cfg.t_power)
+    return (1 + u * (S.T - 1)).long().clamp(max=S.T - 1)
 
 
 def recon_loss(x0_pred, target, t, sched):

@@ -171,6 +171,35 @@ def test_bad_ufogen_config_names_the_field():
         U.validate(U.UFOGenConfig(recon="gan"))
     with pytest.raises(ValueError, match="gap"):
         U.validate(U.UFOGenConfig(gap=1000))
+    with pytest.raises(ValueError, match="recon_guidance = 3.0 needs a model target"):
+        U.validate(U.UFOGenConfig(recon="diffusion", recon_guidance=3.0))
+    with pytest.raises(ValueError, match="t_power"):
+        U.validate(U.UFOGenConfig(t_power=0))
+
+
+def test_guided_distill_target_is_cfg_of_the_teacher():
+    """recon_guidance w: target = x0(uncond) + w (x0(cond) - x0(uncond)), by hand; w = 1 is Eq. 2 as printed."""
+    unet, sched = tiny_unet(), S.make_schedule()
+    z0, t, ctx = batch()
+    uncond = torch.zeros_like(ctx)
+    x_t = S.q_sample(sched, z0, t, z0.flip(0))
+    with torch.no_grad():
+        x0_c = S.x0_from_v(sched, x_t, t, unet(x_t, t, ctx))
+        x0_u = S.x0_from_v(sched, x_t, t, unet(x_t, t, uncond))
+    plain = U.recon_target(U.UFOGenConfig(recon="distill"), z0, x_t, t, ctx, sched, teacher=unet)
+    torch.testing.assert_close(plain, x0_c)
+    guided = U.recon_target(U.UFOGenConfig(recon="distill", recon_guidance=3.0), z0, x_t, t, ctx, sched,
+                            teacher=unet, uncond=uncond)
+    torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5)
+
+
+def test_timestep_sampling_power():
+    """t_power 1: uniform over [1, T); t_power p: P(t > s) = 1 - (s/T)^p, so p = 4 puts ~68% above 0.75 T."""
+    g = torch.Generator().manual_seed(0)
+    for power, want in [(1.0, 0.25), (4.0, 1 - 0.75 ** 4)]:
+        t = U.sample_t(U.UFOGenConfig(t_power=power), 20000, g)
+        assert t.min() >= 1 and t.max() <= S.T - 1 and t.dtype == torch.long
+        assert abs((t > 0.75 * S.T).float().mean().item() - want) < 0.02, power
 
 
 @pytest.fixture(scope="module")

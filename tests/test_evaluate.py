@@ -1,0 +1,111 @@
+"""evaluate.py: the Frechet distance against closed forms, resumable generation, clear messages for missing
+optional packages and weights, and the --paper_tables report on an empty run folder."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import data
+import evaluate as ev
+
+
+def exact_gaussian_sample(n, mean, cov, seed):
+    """n points whose sample mean and (unbiased) sample covariance are exactly `mean` and `cov`."""
+    x = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = x - x.mean(0)
+    x = x @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(x.T))).T       # sample covariance = I
+    return x @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_closed_forms():
+    d = torch.tensor
+    a = exact_gaussian_sample(500, d([0.0, 0.0]), d([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64), 0)
+    assert abs(data.frechet_distance(a, a)) < 1e-9                           # identical Gaussians
+    # N((0,0), diag(1,4)) vs N((3,4), diag(9,1)): |mu|^2 + tr(S1 + S2) - 2 tr((S1 S2)^1/2) = 25 + 15 - 2(3 + 2) = 30
+    b = exact_gaussian_sample(700, d([3.0, 4.0]), d([[9.0, 0.0], [0.0, 1.0]], dtype=torch.float64), 1)
+    assert abs(data.frechet_distance(a, b) - 30.0) < 1e-6
+    # Full (non-diagonal) covariances: rotating both Gaussians by the same R leaves the distance unchanged,
+    # so N(0, R S R^T) vs N(0, R T R^T) is 0 + 15 - 2 * tr((S T)^1/2) = 15 - 2 * (3 + 2) = 5.
+    r = d([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    s, t = d([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64), d([[9.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    c = exact_gaussian_sample(600, d([0.0, 0.0]), r @ s @ r.T, 2)
+    e = exact_gaussian_sample(600, d([0.0, 0.0]), r @ t @ r.T, 3)
+    assert abs(data.frechet_distance(c, e) - 5.0) < 1e-6
+
+
+class CountingPipe:
+    """A stand-in pipeline: image = a constant colour from the seed; counts the prompts it generated."""
+    resolution = 16
+
+    def __init__(self):
+        self.calls = 0
+
+    def images(self, prompts, seed=0, **kw):
+        self.calls += len(prompts)
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(len(prompts), 3, 1, 1, generator=g).expand(-1, -1, 16, 16) * 2 - 1
+
+
+def test_generation_resumes_without_redoing_finished_images(tmp_path):
+    prompts = [f"p{i}" for i in range(10)]
+    pipe = CountingPipe()
+    paths = ev.generate(pipe, prompts, str(tmp_path), batch=4, seed=7)
+    assert pipe.calls == 10 and all(os.path.isfile(p) for p in paths)
+    first = {p: open(p, "rb").read() for p in paths}
+    mtimes = {p: os.path.getmtime(p) for p in paths}
+    os.remove(paths[5])                                                      # an interrupted run: batch 4..7
+    pipe2 = CountingPipe()
+    ev.generate(pipe2, prompts, str(tmp_path), batch=4, seed=7)
+    assert pipe2.calls == 4                                                  # only that batch is generated again
+    assert open(paths[5], "rb").read() == first[paths[5]]                    # and reproduced exactly
+    assert all(os.path.getmtime(p) == mtimes[p] for p in paths if p != paths[5])
+    pipe3 = CountingPipe()
+    ev.generate(pipe3, prompts, str(tmp_path), batch=4, seed=7)
+    assert pipe3.calls == 0
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_missing_packages_and_weights_are_named(tmp_path, monkeypatch):
+    img = tmp_path / "a.png"
+    data.to_pil(torch.zeros(3, 8, 8)).save(img)
+    with pytest.raises(SystemExit, match=ev.INCEPTION_FILE):
+        ev.inception_features([str(img)], None)
+    weights = tmp_path / ev.INCEPTION_FILE
+    weights.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)                 # simulate: not installed
+    with pytest.raises(SystemExit, match="pip install torch-fidelity"):
+        ev.inception_features([str(img)], str(weights))
+    with pytest.raises(SystemExit, match="--clip_weights"):
+        ev.clip_score([str(img)], ["x"], "ViT-g-14", None)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(SystemExit, match="pip install open_clip_torch"):
+        ev.clip_score([str(img)], ["x"], "ViT-g-14", str(weights))
+
+
+def test_read_prompts_and_bad_input(tmp_path):
+    (tmp_path / "c.txt").write_text("a red circle\n\na blue square\n")
+    assert ev.read_prompts(str(tmp_path / "c.txt")) == ["a red circle", "a blue square"]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "t1"}) + "\n" +
+                                      json.dumps({"file_name": "2.png", "caption": "t2"}) + "\n")
+    assert ev.read_prompts(str(tmp_path / "m.jsonl")) == ["t1", "t2"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"file_name": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 2 has no 'text'"):
+        ev.read_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ev.read_prompts(str(tmp_path / "nope.txt"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ev.main(["--ckpt", str(tmp_path / "missing.pt")])
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ev.list_images(str(tmp_path))
+
+
+def test_paper_tables_on_an_empty_run_says_what_was_not_run(tmp_path):
+    text = ev.paper_tables(str(tmp_path / "run"), str(tmp_path / "report"), eval_images=4, litert=False)
+    assert "not run: no" in text and "diffusion.pt" in text and "python ufogen.py --table5" in text
+    assert "quoted (paper, 512px)" in text and "measured" in text                 # Table 1, both kinds of rows
+    assert "| torch |" in text and "quoted, paper Table 4" in text
+    assert json.load(open(tmp_path / "report" / "table4.json"))["torch"]["steps"] == 1
+    assert (tmp_path / "report" / "report.md").read_text().strip() == text.strip()
