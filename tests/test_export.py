@@ -90,6 +90,11 @@ def test_litert_matches_torch_and_delegates_fully(tmp_path):
         out = E.litert_run(runner, comp)
         assert out.shape == ref.shape
         assert (out - ref).abs().max() < 1e-4, comp.name
+        if comp.name == "unet":                                                # smaller weights still run
+            for q, min_db in (("fp16", 60), ("int8", 25)):
+                qpath = E.quantize_litert(path, str(tmp_path / f"unet_{q}.tflite"), q)
+                assert E.size_mb(qpath) < 0.6 * E.size_mb(path), q
+                assert E.psnr(ref, E.litert_run(E.litert_runner(qpath)[0], comp)) > min_db, q
         parts = off.pop("partitions")
         if comp.name == "text_encoder":
             assert set(off) <= {"EMBEDDING_LOOKUP", "RESHAPE"}                  # a gather: no XNNPACK kernel
