@@ -63,14 +63,23 @@ def heldout_prompts(cfg: TrainConfig, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, **sample_kw) -> dict:
-    """Attribute accuracy (data.check_attributes vs the prompt) of generated images, and wall ms per image."""
+def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor | None = None, **sample_kw) -> dict:
+    """Attribute accuracy (data.check_attributes vs the prompt) of generated images, wall ms per image, and
+    with `real` images the Frechet distance on pixel features ("fd")."""
     images, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         images.append(pipe.images(prompts[i:i + batch], seed=i, **sample_kw).cpu())
     ms = 1000 * (time.perf_counter() - t0) / len(prompts)
     images = torch.cat(images)
-    return {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}, images
+    res = {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}
+    if real is not None:
+        res["fd"] = pixel_fd(images, real)
+    return res, images
+
+
+def pixel_fd(images: torch.Tensor, real: torch.Tensor) -> float:
+    """Frechet distance between generated and real images on 8x8 thumbnails (data.pixel_features)."""
+    return data.frechet_distance(data.pixel_features(images), data.pixel_features(real))
 
 
 def update_eval(path: str, name: str, result: dict) -> None:
@@ -92,8 +101,7 @@ def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str
     rows = []
     for name, pipe, kw in [("onestep", ufo, dict(steps=1, guidance_scale=1.0, sampler="renoise")),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
-        res, imgs = evaluate_t2i(pipe, prompts, **kw)
-        res["fd"] = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(real))
+        res, imgs = evaluate_t2i(pipe, prompts, real=real, **kw)
         update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
         print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         rows.append(imgs[:8])
@@ -143,7 +151,8 @@ def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int =
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"{i:07d}.png") for i in range(len(prompts))]
     todo = [i for i in range(0, len(prompts), batch) if not all(os.path.isfile(p) for p in paths[i:i + batch])]
-    for i in tqdm(todo, desc=f"generate ({len(prompts) - len(todo) * batch if todo else len(prompts)} done)"):
+    done = sum(os.path.isfile(p) for p in paths)
+    for i in tqdm(todo, desc=f"generate ({done} of {len(paths)} already written)"):
         images = pipe.images(prompts[i:i + batch], seed=seed + i, **sample_kw).cpu()
         for path, img in zip(paths[i:i + batch], images):
             if not os.path.isfile(path):
@@ -224,15 +233,13 @@ def evaluate_cli(args) -> dict:
     t0 = time.perf_counter()
     paths = generate(pipe, prompts, folder, args.batch, args.seed, **EVAL_SAMPLERS[args.sampler])
     result = {"sampler": args.sampler, "n": len(paths), "images": folder}
-    images = load_folder(paths).float() / 127.5 - 1
+    images = load_folder(paths).float() / 127.5 - 1                  # [-1, 1], as the checker reads them
     if tiny:
         result.update(data.attribute_accuracy(images, prompts))
-        real = heldout_images(TrainConfig(resolution=pipe.resolution), len(prompts))
-        result["fd_pixels"] = data.frechet_distance(data.pixel_features(images), data.pixel_features(real))
+        result["fd_pixels"] = pixel_fd(images, heldout_images(TrainConfig(resolution=pipe.resolution), len(prompts)))
     if args.ref_dir:
         refs = list_images(args.ref_dir)
-        real = load_folder(refs, size=pipe.resolution).float() / 127.5 - 1
-        result["fd_pixels"] = data.frechet_distance(data.pixel_features(images), data.pixel_features(real))
+        result["fd_pixels"] = pixel_fd(images, load_folder(refs, size=pipe.resolution).float() / 127.5 - 1)
         if args.inception_weights or not args.no_fid:
             result["fid"] = data.frechet_distance(inception_features(paths, args.inception_weights),
                                                   inception_features(refs, args.inception_weights))
@@ -277,9 +284,8 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
         if not os.path.isfile(path):
             out.append(f"| {name} | | | | | | not run: no {path} (python train.py{' --stage distill' if file == 'distill.pt' else ''}) |")
             continue
-        res, imgs = evaluate_t2i(S.Pipeline.from_checkpoint(path), prompts, **kw)
-        fd = data.frechet_distance(data.pixel_features(imgs), data.pixel_features(real))
-        out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {fd:.1f} "
+        res, imgs = evaluate_t2i(S.Pipeline.from_checkpoint(path), prompts, real=real, **kw)
+        out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {res['fd']:.1f} "
                    f"| {res['ms_per_image']:.1f} | measured |")
         grid.append(imgs[:8])
     for name, (fid, clip) in PAPER_TABLE2.items():

@@ -218,17 +218,6 @@ def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 20 * torch.log10(ref.abs().max() / mse ** 0.5).item()
 
 
-def torch_ms(comp: Component, repeats: int) -> float:
-    """Median ms of `repeats` PyTorch eager forwards after one warm-up."""
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            comp.module(*comp.inputs.values())
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Core ML (the paper's runtime): torch.export -> coremltools ML program, fp16, fixed shapes
 # ----------------------------------------------------------------------------------------------------
@@ -346,6 +335,7 @@ def undelegated_ops(it) -> Counter:
 
 
 def runtime_ms(run, repeats: int) -> float:
+    """Median ms of `repeats` calls of run() after one warm-up call (every runtime is timed the same way)."""
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -477,7 +467,8 @@ def main(argv=None):
         if args.numerics:
             line += f" | fp16 vs fp32 PSNR {fp16_psnr(comp):.1f} dB"
         if args.benchmark:
-            latency["torch"][comp.name] = torch_ms(comp, args.repeats)
+            with torch.no_grad():
+                latency["torch"][comp.name] = runtime_ms(lambda: comp.module(*comp.inputs.values()), args.repeats)
         for fmt in fmts:
             t0 = time.time()
             if fmt == "coreml":
@@ -492,8 +483,8 @@ def main(argv=None):
                     line += f", softmax ops: {ops.get('softmax', 0)}"
                     report.append("unet ML program ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
                 if sys.platform == "darwin":                       # Core ML runs only on Apple platforms
-                    ml = need("coremltools", "coremltools").models.MLModel(
-                        path, compute_units=getattr(need("coremltools", "coremltools").ComputeUnit, args.compute_units))
+                    ct = need("coremltools", "coremltools")
+                    ml = ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, args.compute_units))
                     line += f", PSNR vs torch {psnr(ref, coreml_predict(ml, comp)):.1f} dB"
                     if args.benchmark:
                         latency.setdefault(f"coreml ({args.compute_units})", {})[comp.name] = runtime_ms(

@@ -61,7 +61,7 @@ class UFOGenConfig:
 
 
 # Presets, chosen by train.py's --preset (flags still override each field). "paper" is UFOGen's released
-# recipe. "tiny" is what makes one step work in a 300-step, 2-core budget (measured, README "One step"):
+# recipe. "tiny" is what makes one step work in a few hundred steps on 2 cores (measured, README "One step"):
 # with the zero-terminal-SNR schedule, x_{t'} for t' = t - 250 is almost pure noise whenever t is large
 # (at t' = 749, alpha = 0.18), so D cannot see what is wrong with G(x_T) -- its loss stays at 2 ln 2 -- while
 # uniform t spends most of G's updates at small t, which one-step sampling never visits. Drawing t near T
