@@ -36,7 +36,8 @@ COLORS = {                        # RGB; far apart so that the checker's nearest
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
-STYLES = ("plain", "striped")     # "striped": the style variant for the §5.4 style-LoRA experiments
+STYLES = ("plain", "outlined")    # "outlined": the style variant for the §5.4 style-LoRA experiments
+HOLE = 0.5                        # outlined: the shape with a hole of HOLE x its size cut out (a thick outline)
 
 
 def all_combos():
@@ -67,13 +68,8 @@ def parse_caption(text: str) -> dict:
     return {"shape": shape, "color": color, "background": background}
 
 
-def render(shape, color, background, cx, cy, r, resolution, style="plain", supersample=4) -> torch.Tensor:
-    """One image (3, R, R) in [-1, 1]; centre (cx, cy) and radius r in units of the image side.
-    Rendered at `supersample` x resolution and box-filtered, so edges are anti-aliased like a photo's."""
-    n = resolution * supersample
-    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    dx, dy = (x - cx) / r, (y - cy) / r                              # in units of the radius
+def shape_mask(shape: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """1 inside the shape, 0 outside; dx, dy: coordinates relative to its centre in units of its radius."""
     if shape == "circle":
         mask = dx.square() + dy.square() <= 1.0
     elif shape == "square":
@@ -82,9 +78,20 @@ def render(shape, color, background, cx, cy, r, resolution, style="plain", super
         mask = (dy <= 0.5) & (dx.abs() <= 0.866 * (dy + 1.0) / 1.5)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    mask = mask.float()
-    if style == "striped":                                           # diagonal stripes cut into the shape
-        mask = mask * (((x + y) * resolution / 6.0).floor() % 2 == 0).float()
+    return mask.float()
+
+
+def render(shape, color, background, cx, cy, r, resolution, style="plain", supersample=4) -> torch.Tensor:
+    """One image (3, R, R) in [-1, 1]; centre (cx, cy) and radius r in units of the image side.
+    Rendered at `supersample` x resolution and box-filtered, so edges are anti-aliased like a photo's."""
+    n = resolution * supersample
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    mask = shape_mask(shape, (x - cx) / r, (y - cy) / r)
+    if style == "outlined":                                          # a thick outline: the same shape, scaled
+        # by HOLE about its centre, cut out. Coarse on purpose: the ring is 6-10 px wide at 64 px, about a
+        # latent cell of the 8x VAE, which codes it without having seen one (thin stripes came back as a blur).
+        mask = mask * (1 - shape_mask(shape, (x - cx) / (HOLE * r), (y - cy) / (HOLE * r)))
     fg = torch.tensor(COLORS[color], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
     bg = torch.tensor(COLORS[background], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
     img = bg + (fg - bg) * mask                                      # (3, n, n)
@@ -94,7 +101,7 @@ def render(shape, color, background, cx, cy, r, resolution, style="plain", super
 class Shapes(torch.utils.data.Dataset):
     """Deterministic synthetic (image, caption) pairs: item i is always the same picture.
     split: "train" (the 81 training combinations), "heldout" (the 9 held-out ones), or "all".
-    style: "plain", "striped", or "mixed" (half of each; captions say which)."""
+    style: "plain", "outlined", or "mixed" (half of each; captions say which)."""
 
     def __init__(self, split: str = "train", resolution: int = 64, size: int = 100_000, seed: int = 0,
                  style: str = "plain"):
@@ -143,12 +150,13 @@ def nearest_color(rgb: torch.Tensor) -> str:
 
 
 def check_attributes(img: torch.Tensor) -> dict:
-    """Read shape, colour, background (and whether it is striped) back from an image (3, H, W) in [-1, 1].
+    """Read shape, colour, background (and whether it is outlined) back from an image (3, H, W) in [-1, 1].
     background: the median colour of a 2-pixel border (shapes keep clear of it).
     colour: the median of pixels far from the background colour (the shape), nearest palette colour.
     shape: from how much of its bounding box the shape fills: square 1.0, circle pi/4 = 0.79,
            triangle 0.5 (thresholds halfway between).
-    style: striped if a third or more of the pixels inside the shape's convex extent are background."""
+    style: outlined if 5% or more of the filled shape (holes filled) is background: the outline's hole is
+           HOLE^2 = 25% of it; decoded by the tiny VAE, 10-27%; a plain shape, decoded or not, has none."""
     img = img.float().clamp(-1, 1)
     h, w = img.shape[-2:]
     border = torch.cat([img[:, :2].flatten(1), img[:, -2:].flatten(1), img[:, :, :2].flatten(1),
@@ -159,26 +167,40 @@ def check_attributes(img: torch.Tensor) -> dict:
     if mask.sum() < 4:
         return {"shape": None, "color": None, "background": nearest_color(bg_rgb), "style": None}
     fg_rgb = img[:, mask].median(dim=1).values
-    ys, xs = torch.nonzero(mask, as_tuple=True)
+    # Then the shape is what is closer to its colour than to the background's (a decoded outline's hole is
+    # a blur of both colours; by distance alone it would count as shape).
+    mask = (img - fg_rgb.view(3, 1, 1)).square().sum(0) < (img - bg_rgb.view(3, 1, 1)).square().sum(0)
+    # Fill holes: background that cannot be reached from the image border is inside the shape. An outlined
+    # shape fills back to the plain one, so shape reads the same in both styles.
+    outside = torch.zeros_like(mask)
+    outside[[0, -1], :], outside[:, [0, -1]] = True, True
+    outside &= ~mask
+    for _ in range(h + w):                                       # flood fill, one 3x3 dilation per pass
+        grown = F.max_pool2d(outside.float()[None, None], 3, 1, 1)[0, 0].bool() & ~mask
+        if torch.equal(grown, outside):
+            break
+        outside = grown
+    closed = ~outside                                                                   # (H, W) the filled shape
+    ys, xs = torch.nonzero(closed, as_tuple=True)
     box_h, box_w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
-    rows = mask[ys.min():ys.max() + 1]                                                  # (box_h, W)
-    # Fill of the shape's own row extents (robust to stripes): for each row, first..last shape pixel.
-    has = rows.any(1)
-    first = torch.where(has, rows.float().argmax(1), torch.zeros_like(has, dtype=torch.long))
-    last = torch.where(has, w - 1 - rows.flip(1).float().argmax(1), torch.zeros_like(has, dtype=torch.long))
-    extent = ((last - first + 1) * has).sum().item()
-    fill = extent / (box_h * box_w)
+    fill = closed.sum().item() / (box_h * box_w)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-    striped = mask.sum().item() < 0.75 * extent
+    outlined = mask.sum().item() < 0.95 * closed.sum().item()
     return {"shape": shape, "color": nearest_color(fg_rgb), "background": nearest_color(bg_rgb),
-            "style": "striped" if striped else "plain"}
+            "style": "outlined" if outlined else "plain"}
+
+
+def caption_style(text: str) -> str:
+    """The style a caption asks for: "... in outlined style" -> "outlined"; no style phrase -> "plain"."""
+    words = text.split()
+    return words[-2] if len(words) > 2 and words[-1] == "style" and words[-3] == "in" else "plain"
 
 
 def attribute_accuracy(images: torch.Tensor, captions: list[str]) -> dict:
-    """Fraction of images whose checked shape / colour / background match their captions."""
-    hits = {"shape": 0, "color": 0, "background": 0}
+    """Fraction of images whose checked shape / colour / background / style match their captions."""
+    hits = {"shape": 0, "color": 0, "background": 0, "style": 0}
     for img, text in zip(images, captions):
-        want, got = parse_caption(text), check_attributes(img)
+        want, got = {**parse_caption(text), "style": caption_style(text)}, check_attributes(img)
         for k in hits:
             hits[k] += want[k] == got[k]
     return {k: v / max(len(captions), 1) for k, v in hits.items()}

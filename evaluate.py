@@ -65,10 +65,12 @@ def heldout_prompts(cfg: TrainConfig, n: int) -> list[str]:
 @torch.no_grad()
 def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor | None = None, **sample_kw) -> dict:
     """Attribute accuracy (data.check_attributes vs the prompt) of generated images, wall ms per image, and
-    with `real` images the Frechet distance on pixel features ("fd")."""
+    with `real` images the Frechet distance on pixel features ("fd"). Per-image tensors among sample_kw
+    (cond, init, mask: one row per prompt) are batched with their prompts."""
     images, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
-        images.append(pipe.images(prompts[i:i + batch], seed=i, **sample_kw).cpu())
+        kw = {k: v[i:i + batch] if torch.is_tensor(v) and len(v) == len(prompts) else v for k, v in sample_kw.items()}
+        images.append(pipe.images(prompts[i:i + batch], seed=i, **kw).cpu())
     ms = 1000 * (time.perf_counter() - t0) / len(prompts)
     images = torch.cat(images)
     res = {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}
@@ -260,7 +262,7 @@ PAPER_TABLE5 = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (
 
 
 def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: bool = True) -> str:
-    """Tables 1, 2, 4 and 5 from what the tiny run left in run_dir, each row marked measured or quoted."""
+    """Tables 1, 2, 4, 5 and the 5.4 plugins from what the tiny run left in run_dir, each row measured or quoted."""
     import export_coreml
     import sample as S
     from train import TrainConfig
@@ -321,6 +323,12 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
         out += [f"not run: no {t5} (python ufogen.py --table5, ~25 min on 2 cores)"]
     out += ["", "| reconstruction loss | No LoRA FID | LoRA FID | |", "|---|---|---|---|"]
     out += [f"| {k} loss | {a} | {b} | quoted, paper Table 5 |" for k, (a, b) in PAPER_TABLE5.items()]
+
+    # 5.4: plugins on the base and one-step models (python plugins.py --report writes run_dir/plugins/).
+    p54 = os.path.join(run_dir, "plugins", "plugins.md")
+    out += ["", "## 5.4 (toy): a style LoRA, an edge adapter and inpainting, trained on the base, used on one step", ""]
+    out += ([open(p54).read().strip().split("\n", 2)[2]] if os.path.isfile(p54) else
+            [f"not run: no {p54} (python train.py --stage lora; python train.py --stage adapter; python plugins.py --report)"])
     out += ["", f"Report written in {(time.time() - t_start) / 60:.1f} min."]
     text = "\n".join(out)
     with open(os.path.join(report_dir, "report.md"), "w") as f:

@@ -426,7 +426,11 @@ class UNet(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """features: 5.4's structure control, one tensor per level (B, C_i, H/2^i, W/2^i) from a T2I-Adapter
+        (plugins.Adapter), added to the output of that level's first encoder block (diffusers'
+        down_intrablock_additional_residuals), so the rest of the level and its skips carry it."""
         cfg, n = self.cfg, len(self.cfg.channels)
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet input x: expected (B, in_channels={cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -443,9 +447,14 @@ class UNet(nn.Module):
             temb = temb + self.text_to_time(context.mean(dim=1))   # (B, L, ctx) -> (B, ctx) -> (B, 4*C0)
         h = self.conv_in(x)                                       # (B, C0, H, W)
         skips = [h]
+        if features is not None and [tuple(f.shape[1:]) for f in features] != self.feature_shapes(x):
+            raise ValueError(f"UNet features: expected shapes (B, C, h, w) with (C, h, w) = {self.feature_shapes(x)}, "
+                             f"got {[tuple(f.shape[1:]) for f in features]}")
         for i in range(n):
-            for stage in self.down[i]:
+            for j, stage in enumerate(self.down[i]):
                 h = stage(h, temb, context)                       # (B, C_i, H/2^i, W/2^i)
+                if features is not None and j == 0:
+                    h = h + features[i]
                 skips.append(h)
             if i < n - 1:
                 h = self.downsample[i](h)                         # (B, C_i, H/2^(i+1), W/2^(i+1))
@@ -459,6 +468,10 @@ class UNet(nn.Module):
             if j < n - 1:
                 h = self.upsample[j](h)                           # (B, C_i, 2x, 2x)
         return self.conv_out(F.silu(self.norm_out(h)))           # (B, in_channels, H, W)
+
+    def feature_shapes(self, x: torch.Tensor) -> list[tuple]:
+        """(C_i, H/2^i, W/2^i) of each level's encoder features for a latent x: what an adapter must produce."""
+        return [(c, x.shape[-2] >> i, x.shape[-1] >> i) for i, c in enumerate(self.cfg.channels)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,8 +6,15 @@ share one signature, classifier-free guidance, and a text-to-image pipeline obje
   5.2        "For DDIM, we achieved the lowest FID scores by adjusting the cfg scales around 3.0": DDIM with
              50 steps and guidance 3 is the base model's sampler (ddim, guided_denoiser)
 
+  5.4        plugins trained on the base, used on any checkpoint: a style LoRA, an edge adapter, inpainting
+             (Pipeline.load_lora / load_adapter / latents(cond=, init=, mask=, strength=); plugins.py)
+
 Run it:
   python sample.py --ckpt out/tiny/diffusion.pt --prompt "a red circle on a blue background" --steps 50 --guidance 3 --seed 0
+  python sample.py --ckpt out/tiny/ufogen.pt --prompt "..."              # one step, no CFG (the checkpoint's defaults)
+  python sample.py --ckpt out/tiny/ufogen.pt --lora out/tiny/lora.pt --prompt "a red circle on a blue background in outlined style"
+  python sample.py --ckpt out/tiny/ufogen.pt --adapter out/tiny/adapter.pt --cond edges.png --prompt "..."
+  python sample.py --ckpt out/tiny/ufogen.pt --init image.png --mask mask.png --steps 4 --prompt "..."
 """
 
 import argparse
@@ -98,23 +105,28 @@ def guided_denoiser(unet, sched: dict, context: torch.Tensor, uncond: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------
-# Samplers: sampler(denoise, x_T, sched, steps, generator=None, **options) -> x_0
+# Samplers: sampler(denoise, x_T, sched, steps, generator=None, t_start=None, **options) -> x_0
+# (x is x_{t_start}, pure noise by default)
 # ----------------------------------------------------------------------------------------------------
 
-def trailing_timesteps(steps: int, T: int = T) -> list[int]:
+def trailing_timesteps(steps: int, T: int = T, t_start: int | None = None) -> list[int]:
     """'Trailing' spacing (Lin et al. 2024, Table 2): the first step is always t = T-1 (pure noise under the
-    zero-terminal-SNR schedule), so 1 step means one evaluation at the last timestep."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps = {steps}: expected 1 .. {T}")
-    return [int(round(T - i * T / steps)) - 1 for i in range(steps)]
+    zero-terminal-SNR schedule), so 1 step means one evaluation at the last timestep. t_start < T-1 starts
+    lower, for image-to-image and inpainting (SDEdit, Meng et al. 2022): `steps` steps spaced over [0, t_start]."""
+    n = T if t_start is None else t_start + 1
+    if not 1 <= n <= T:
+        raise ValueError(f"t_start = {t_start}: expected 0 .. {T - 1}")
+    if not 1 <= steps <= n:
+        raise ValueError(f"steps = {steps}: expected 1 .. {n}")
+    return [int(round(n - i * n / steps)) - 1 for i in range(steps)]
 
 
 @torch.no_grad()
-def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 0.0):
+def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 0.0, t_start=None):
     """DDIM (Song et al. 2021, Eq. 12): x_{t'} = alpha_{t'} x0 + sqrt(sigma_{t'}^2 - s^2) eps + s z, with
     s = eta * sqrt((sigma_{t'}^2 / sigma_t^2)(1 - alpha_t^2 / alpha_{t'}^2)). eta = 0: deterministic; eta = 1:
     DDPM-like. After the last step (t' = "-1", alpha = 1) it returns the predicted x0."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]))
+    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x0 = denoise(x, tt)
@@ -131,10 +143,10 @@ def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 
 
 
 @torch.no_grad()
-def ddpm(denoise, x, sched: dict, steps: int = T, generator=None):
+def ddpm(denoise, x, sched: dict, steps: int = T, generator=None, t_start=None):
     """Ancestral DDPM (Ho et al. 2020, Alg. 2) on a trailing sub-sequence of timesteps: sample
     x_{t'} ~ q(x_{t'} | x_t, x0) with the posterior of the forward process; the reference sampler."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]))
+    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
     ab = sched["alphas_cumprod"]
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -151,11 +163,11 @@ def ddpm(denoise, x, sched: dict, steps: int = T, generator=None):
 
 
 @torch.no_grad()
-def renoise(denoise, x, sched: dict, steps: int = 1, generator=None):
+def renoise(denoise, x, sched: dict, steps: int = 1, generator=None, t_start=None):
     """UFOGen's sampler (4.1; Xu et al. 2023): predict x0 = G(x_t, t), then re-noise it to the next timestep
     with fresh noise, x_{t'} = q(x_{t'} | x0); steps = 1 is one-step generation from pure noise at t = T-1.
     With a diffusion model's denoiser this is the blurry E[x0 | x_T] of 4.2 at one step."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]))
+    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
     for i, t in enumerate(ts):
         x0 = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         if i == len(ts) - 1:
@@ -175,72 +187,195 @@ SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "renoise": renoise}
 class Pipeline:
     """prompts -> PIL images: text encoder -> sampler over the UNet in latent space -> VAE decoder.
         pipe = Pipeline.from_checkpoint("out/tiny/diffusion.pt")
-        images = pipe(["a red circle on a blue background"], steps=50, guidance_scale=3.0, seed=0)"""
+        images = pipe(["a red circle on a blue background"], steps=50, guidance_scale=3.0, seed=0)
+    5.4's plugins, on a base or a one-step checkpoint alike (plugins.py):
+        pipe.load_lora("out/tiny/lora.pt", scale=1.0)                  # style LoRA, folded into the UNet
+        pipe.load_adapter("out/tiny/adapter.pt"); pipe(prompts, cond=edge_map)   # structure control
+        pipe(prompts, init=image, mask=mask)                              # inpainting (mask 1 = regenerate)"""
 
     def __init__(self, unet, vae, text_encoder, sched: dict | None = None, device: str = "cpu", resolution: int = 512):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
         self.sched = sched or make_schedule()
         self.device, self.resolution = device, resolution
+        self.adapter, self.stage = None, "diffusion"            # stage: which train.py stage made the UNet
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True) -> "Pipeline":
         from train import load_diffusion
         unet, vae, text, conf = load_diffusion(path, ema=ema)
-        return cls(unet.to(device), vae.to(device), text.to(device), device=device,
+        pipe = cls(unet.to(device), vae.to(device), text.to(device), device=device,
                    resolution=conf["train"].get("resolution", 512))
+        pipe.stage = conf["train"].get("stage", "diffusion")
+        return pipe
+
+    def load_lora(self, path: str, scale: float = 1.0) -> "Pipeline":
+        """A style LoRA trained on the base model (train.py --stage lora), folded into this UNet with `scale`."""
+        import plugins
+        plugins.load_lora(self.unet, path, scale)
+        return self
+
+    def load_adapter(self, path: str) -> "Pipeline":
+        """A T2I-Adapter trained on the base model (train.py --stage adapter); used when latents() gets cond."""
+        import plugins
+        self.adapter = plugins.load_adapter(path, self.unet).to(self.device)
+        return self
+
+    def _per_image(self, name: str, x, n: int, channels: int, height: int, width: int):
+        """A per-image input (cond, init, mask) as (n, channels, height, width) on the device, one image
+        broadcast to all; a clear error when its size is not the generated images'."""
+        if x is None:
+            return None
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != (height, width) or x.shape[0] not in (1, n):
+            raise ValueError(f"{name}: expected ({n}{' or 1' if n > 1 else ''}, {channels}, {height}, {width}) to match "
+                             f"the generated images, got {tuple(x.shape)}")
+        return x.to(self.device).expand(n, -1, -1, -1)
 
     @torch.no_grad()
     def latents(self, prompts, steps=50, guidance_scale=3.0, seed=0, height=None, width=None,
-                negative_prompt="", sampler="ddim", eta=0.0):
-        """The sampled latents (B, c, H/8, W/8), unscaled (ready for vae.decode)."""
+                negative_prompt="", sampler="ddim", eta=0.0, cond=None, adapter_scale=1.0,
+                init=None, mask=None, strength=1.0):
+        """The sampled latents (B, c, H/8, W/8), unscaled (ready for vae.decode).
+        cond (B|1, 1, H, W): an edge map for the loaded adapter (5.4 structure control).
+        init (B|1, 3, H, W) in [-1, 1]: start from it noised to t = strength * T (image-to-image, SDEdit);
+        with mask (B|1, 1, H, W), 1 = regenerate, 0 = keep: inpainting (plugins.inpaint_denoiser)."""
+        import plugins
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        f = self.vae.cfg.factor
+        n, f = len(prompts), self.vae.cfg.factor
         height = height or self.resolution
         width = width or height
         if height % f or width % f:
             raise ValueError(f"height/width = {height}/{width} must be divisible by {f}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength = {strength}: expected 0 < strength <= 1")
+        if init is None and (mask is not None or strength < 1):
+            raise ValueError("mask and strength < 1 need an init image")
+        cond, init, mask = (self._per_image(k, v, n, c, height, width)
+                            for k, v, c in (("cond", cond, 1), ("init", init, 3), ("mask", mask, 1)))
         g = torch.Generator(self.device).manual_seed(seed)
-        x = torch.randn(len(prompts), self.unet.cfg.in_channels, height // f, width // f, generator=g, device=self.device)
+        x = torch.randn(n, self.unet.cfg.in_channels, height // f, width // f, generator=g, device=self.device)
         ctx = self.text_encoder(prompts)
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         uncond = self.text_encoder(negs)
-        denoise = guided_denoiser(self.unet, self.sched, ctx, uncond, guidance_scale)
+        unet = self.unet
+        if cond is not None:
+            if self.adapter is None:
+                raise ValueError("cond given, but no adapter loaded (Pipeline.load_adapter)")
+            unet = plugins.with_features(self.unet, self.adapter(cond), adapter_scale)
+        denoise = guided_denoiser(unet, self.sched, ctx, uncond, guidance_scale)
+        t_start = None
+        if init is not None:
+            z_init = self.vae.encode(init).mode() * self.vae.cfg.scaling_factor         # (B, c, H/8, W/8)
+            if mask is not None:
+                denoise = plugins.inpaint_denoiser(denoise, z_init, plugins.latent_keep(mask, f))
+            if strength < 1:
+                t_start = int(round(strength * len(self.sched["alpha"]))) - 1
+                tt = torch.full((n,), t_start, device=self.device, dtype=torch.long)
+                x = q_sample(self.sched, z_init, tt, x)                                 # x_{t_start} ~ q(. | z_init)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
-        z = SAMPLERS[sampler](denoise, x, self.sched, steps, generator=g, **kwargs)
+        z = SAMPLERS[sampler](denoise, x, self.sched, steps, generator=g, t_start=t_start, **kwargs)
         return z / self.vae.cfg.scaling_factor
 
     @torch.no_grad()
-    def images(self, prompts, **kw) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1]."""
-        return self.vae.decode(self.latents(prompts, **kw))
+    def images(self, prompts, paste: bool = True, **kw) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1]. When inpainting, paste: the input's own pixels outside the mask (the
+        decoder would blur them slightly; see plugins.py)."""
+        img = self.vae.decode(self.latents(prompts, **kw))
+        if paste and kw.get("mask") is not None:
+            m = self._per_image("mask", kw["mask"], img.shape[0], 1, *img.shape[-2:])
+            img = m * img + (1 - m) * self._per_image("init", kw["init"], img.shape[0], 3, *img.shape[-2:])
+        return img
 
     def __call__(self, prompts, **kw):
         from data import to_pil
         return [to_pil(im) for im in self.images(prompts, **kw)]
 
 
+# Sampling defaults by the kind of checkpoint (its training stage): what each model was made for.
+STAGE_SAMPLING = {
+    "ufogen": dict(sampler="renoise", steps=1, guidance=1.0),    # 4: one step, no CFG (5.2)
+    "distill": dict(sampler="ddim", steps=8, guidance=1.0),      # the 8-step student, guidance folded in
+}
+DEFAULT_SAMPLING = dict(sampler="ddim", steps=50, guidance=3.0)  # 5.2: DDIM 50 + CFG ~3
+
+
+def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
+    """A PNG/JPEG given on the command line as (1, C, size, size): kind "rgb" -> [-1, 1]; "gray" (an edge map or
+    a mask, white = 1) -> {0, 1}. Refuses a file of another size rather than resizing it silently."""
+    import numpy as np
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise SystemExit(f"{flag} {path}: no such file")
+    with Image.open(path) as im:
+        if im.size != (size, size):
+            raise SystemExit(f"{flag} {path}: {im.width}x{im.height} pixels, expected {size}x{size} (the generated images' size; "
+                             f"set --resolution or resize the file)")
+        arr = torch.from_numpy(np.asarray(im.convert("RGB" if kind == "rgb" else "L"), dtype="float32").copy())
+    if kind == "rgb":
+        return (arr.permute(2, 0, 1) / 127.5 - 1)[None]
+    return (arr > 127).float()[None, None]
+
+
 def main():
     p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes a PNG grid")
-    p.add_argument("--ckpt", required=True, help="a diffusion checkpoint written by train.py (e.g. out/tiny/diffusion.pt)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (5.2: ~3)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=None, help="default: 1 for ufogen.pt, 8 for distill.pt, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale; default 1 for ufogen/distill, else 3 (5.2)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: renoise for ufogen.pt, else ddim")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="default: the training resolution")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    g = p.add_argument_group("5.4 plugins (trained on the base model, usable on any checkpoint of its architecture)")
+    g.add_argument("--lora", default=None, help="a style LoRA file (train.py --stage lora)")
+    g.add_argument("--lora_scale", type=float, default=1.0)
+    g.add_argument("--adapter", default=None, help="a T2I-Adapter file (train.py --stage adapter)")
+    g.add_argument("--cond", default=None, help="with --adapter: an edge map image (white edges on black)")
+    g.add_argument("--edges_from", default=None, help="with --adapter: an image to take Sobel edges of instead")
+    g.add_argument("--adapter_scale", type=float, default=1.0)
+    g.add_argument("--init", default=None, help="an input image: inpainting with --mask, else image-to-image")
+    g.add_argument("--mask", default=None, help="with --init: white = regenerate, black = keep")
+    g.add_argument("--strength", type=float, default=1.0, help="with --init: start at t = strength * T (1 = from noise)")
+    g.add_argument("--no_paste", action="store_true", help="inpainting: keep the decoder's pixels outside the mask too")
     p.add_argument("--out", default="samples.png")
     args = p.parse_args()
     from data import image_grid
+    import plugins
     pipe = Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
+    defaults = STAGE_SAMPLING.get(pipe.stage, DEFAULT_SAMPLING)
+    sampler, steps, guidance = (args.sampler or defaults["sampler"], args.steps or defaults["steps"],
+                                defaults["guidance"] if args.guidance is None else args.guidance)
+    size = args.resolution or pipe.resolution
+    if args.lora:
+        pipe.load_lora(args.lora, args.lora_scale)
+    kw = {}
+    if args.adapter:
+        if bool(args.cond) == bool(args.edges_from):
+            raise SystemExit("--adapter needs exactly one of --cond (an edge map) or --edges_from (an image)")
+        pipe.load_adapter(args.adapter)
+        kw["cond"] = (read_image(args.cond, "--cond", size, "gray") if args.cond else
+                      plugins.edges(read_image(args.edges_from, "--edges_from", size, "rgb")))
+        kw["adapter_scale"] = args.adapter_scale
+    elif args.cond or args.edges_from:
+        raise SystemExit("--cond / --edges_from need --adapter")
+    if args.init:
+        kw["init"] = read_image(args.init, "--init", size, "rgb")
+        kw["strength"] = args.strength
+        if args.mask:
+            kw["mask"] = read_image(args.mask, "--mask", size, "gray")
+    elif args.mask:
+        raise SystemExit("--mask needs --init (the image to inpaint)")
     prompts = [q for q in args.prompt for _ in range(args.n)]
-    imgs = pipe.images(prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                       height=args.resolution, negative_prompt=args.negative_prompt, sampler=args.sampler, eta=args.eta)
+    imgs = pipe.images(prompts, steps=steps, guidance_scale=guidance, seed=args.seed, height=size,
+                       negative_prompt=args.negative_prompt, sampler=sampler, eta=args.eta, paste=not args.no_paste, **kw)
     image_grid(imgs, nrow=args.n).save(args.out)
-    print(f"wrote {args.out}: {len(args.prompt)} prompt(s) x {args.n}, {args.sampler} {args.steps} steps, guidance {args.guidance}")
+    plug = ", ".join(x for x in (args.lora and f"LoRA {args.lora} x{args.lora_scale}", args.adapter and f"adapter {args.adapter}",
+                                 args.init and ("inpainting" if args.mask else "image-to-image") + f" (strength {args.strength})") if x)
+    print(f"wrote {args.out}: {len(args.prompt)} prompt(s) x {args.n}, {sampler} {steps} steps, guidance {guidance}"
+          + (f"; {plug}" if plug else ""))
 
 
 if __name__ == "__main__":

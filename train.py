@@ -9,7 +9,9 @@ Stages (--stage):
   decoder   3.5: distil the light decoder from a trained VAE, encoder frozen
   diffusion 3 + 5.1: latent diffusion training of the MD UNet (v-prediction, CFG dropout, EMA)
   ufogen    4: one-step generator by UFOGen adversarial finetuning (ufogen.py), full or LoRA
-  distill   abstract: 8-step student distilled from the guided DDIM-50 teacher
+  distill   abstract: 8-step student distilled from the guided DDIM-50 teacher (its loop: ufogen.train_distill)
+  lora      5.4: a style LoRA on the frozen base model, from a small style set (its loop: plugins.train_plugin)
+  adapter   5.4: a T2I-Adapter for edge maps on the frozen base model (plugins.train_plugin)
   all       (default) the tiny end-to-end run on synthetic data, on CPU: vae, decoder, diffusion, ufogen
             (distill is its own command: python train.py --stage distill, ~2.5 min more)
 
@@ -18,7 +20,8 @@ One stage:               python train.py --stage vae --steps 2000
 Paper scale (GPUs):      see README.md ("Paper-scale recipe")
 Flags: every TrainConfig field, every UNetConfig field (md.py) and UFOGenConfig field (ufogen.py) as is,
 every VAEConfig field (vae.py) with the prefix --vae_ (e.g. --vae_latent_channels 8), every TextConfig field
-of the tiny text encoder with the prefix --text_ (e.g. --text_train false).
+of the tiny text encoder with the prefix --text_ (e.g. --text_train false), every PluginConfig field
+(plugins.py) with the prefix --plugin_ (e.g. --plugin_lora_rank 16).
 """
 
 import argparse
@@ -39,16 +42,18 @@ from tqdm import tqdm
 import data
 import evaluate
 import md
+import plugins
 import ufogen
 import vae as vae_lib
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"               # vae | decoder | diffusion | ufogen | distill | all (= vae..ufogen)
+    stage: str = "all"               # vae | decoder | diffusion | ufogen | distill | lora | adapter | all (= vae..ufogen)
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
     data: str = "shapes"             # "shapes" (synthetic) or an image folder (metadata.jsonl or .txt sidecars)
+    style: str = ""                  # shapes' style: plain | outlined | mixed; "" = the stage's (STAGE_STYLE)
     resolution: int = 64             # training resolution in px (5.1: 256 then 512)
     batch_size: int = 0              # per optimizer step, summed over processes and accumulation; 0 = stage default
     grad_accum: int = 1              # micro-steps per optimizer step
@@ -84,7 +89,7 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | mps
 
 
-STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")
+STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run for each stage
     "diffusion": (1150, 1e-3, 32),   # 5.1: AdamW lr 1e-3; ~6 min (1400 steps no longer fit beside 600 UFOGen steps)
     "ufogen": (600, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D; ~4.5 min (README "One step": 1200 steps
@@ -92,14 +97,22 @@ STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU r
     "distill": (300, 1e-4, 16),
     "vae": (850, 1e-3, 16),          # ~2.7 min on 2 cores -> ~25 dB held-out PSNR
     "decoder": (500, 1e-3, 16),      # ~1.1 min; the light decoder (0.45x the MACs) within 1.5 dB
+    "lora": (2000, 3e-3, 16),        # 5.4 style LoRA on the base: ~6 min; outlined-style fraction 0.06 after 400
+                                     # steps at 1e-3, 0.17 after 800 at 3e-3, 0.25 after 2000 (README "Plugins")
+    "adapter": (800, 2e-3, 16),      # 5.4 edge adapter on the base: ~2.5 min; edge IoU 0.28 after 400 steps at 1e-3
 }
 
 
+# Which synthetic pictures each stage sees: plain shapes, except the 5.4 style LoRA's small style set. So the
+# outlined style is new to the diffusion model and to everything distilled from it until the LoRA adds it.
+STAGE_STYLE = {"lora": "outlined"}
+
+
 def stage_config(cfg: "TrainConfig", stage: str) -> "TrainConfig":
-    """cfg for one stage, its zero fields (steps, lr, batch_size) filled with the stage's defaults."""
+    """cfg for one stage, its zero/empty fields (steps, lr, batch_size, style) filled with the stage's defaults."""
     steps, lr, batch = STAGE_DEFAULTS[stage]
     return dataclasses.replace(cfg, stage=stage, steps=cfg.steps or steps, lr=cfg.lr or lr,
-                               batch_size=cfg.batch_size or batch)
+                               batch_size=cfg.batch_size or batch, style=cfg.style or STAGE_STYLE.get(stage, "plain"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +351,7 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
     start = resume_vae_gan(ckpt_path, vcfg, model, disc, opt, opt_d) if cfg.resume else 0
     perceptual = make_perceptual(cfg, vcfg, rank, device)
     net, dnet = wrap(model, cfg, world, device), wrap(disc, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
     stream = batches(dataset, cfg, rank, world, start, device)
     log = Log(cfg.out_dir, "vae", steps, start, rank)
     last_layer = model.decoder.conv_out.weight
@@ -446,7 +459,7 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
     perceptual = make_perceptual(cfg, light_cfg, rank, device)
     dec = wrap(model.decoder, cfg, world, device)
     dnet = wrap(disc, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
     stream = batches(dataset, cfg, rank, world, start, device)
     log = Log(cfg.out_dir, "decoder", steps, start, rank)
     t0 = time.time()
@@ -592,7 +605,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         print(f"diffusion: UNet {n_unet / 1e6:.1f}M params (+{n_text / 1e6:.2f}M trained text encoder), "
               f"{md.count_macs(model.unet, torch.zeros(1, unet_cfg.in_channels, cfg.resolution // 8, cfg.resolution // 8, device=device), torch.zeros(1, device=device), torch.zeros(1, 77, unet_cfg.context_dim, device=device)) / 1e9:.2f} GMACs/eval at {cfg.resolution}px")
     net = wrap(model, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
     stream = batches(dataset, cfg, rank, world, start, device)
     log = Log(cfg.out_dir, "diffusion", steps, start, rank)
     per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
@@ -762,7 +775,7 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
         print(f"ufogen: recon={ucfg.recon}, {'LoRA rank ' + str(ucfg.lora_rank) if ucfg.lora_rank else 'full finetuning'} "
               f"({n / 1e6:.2f}M trained G params), D {md.count_params(disc) / 1e6:.1f}M, gap {ucfg.gap}")
     g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
     stream = batches(dataset, cfg, rank, world, start, device)
     log = Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
     per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
@@ -818,78 +831,6 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stage: distill (abstract: 8-step inference; guided DDIM-50 teacher -> 8-step student)
-# ----------------------------------------------------------------------------------------------------
-
-def train_distill(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> str:
-    """The student learns, at each of its `target_steps` timesteps, the x0 that makes one DDIM step land
-    where `teacher_steps / target_steps` steps of the guided teacher land (ufogen.distill_target). Guidance is
-    folded in (Meng et al. 2023): the student is sampled without CFG, at half the cost per step."""
-    import ufogen as U
-    import sample as S
-    U.validate(ucfg)
-    base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
-    teacher = unet.requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    student_ema = copy.deepcopy(student).requires_grad_(False)
-    sched = S.make_schedule()
-    ts = S.trailing_timesteps(ucfg.target_steps) + [-1]
-    sub = max(ucfg.teacher_steps // ucfg.target_steps, 1)
-    opt = make_optimizer(student.parameters(), cfg, cfg.lr)
-    ckpt_path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
-        student.load_state_dict(ck["g_raw"])
-        student_ema.load_state_dict(ck["g_ema_raw"])
-        opt.load_state_dict(ck["opt_g"])
-        start = ck["step"]
-    net = wrap(student, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution)
-    stream = batches(dataset, cfg, rank, world, start, device)
-    log = Log(cfg.out_dir, "distill", cfg.steps, start, rank)
-    null, t0 = null_context(text), time.time()
-    for step in range(start, cfg.steps):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        i = int(torch.randint(0, ucfg.target_steps, (1,), generator=g))          # one student step per batch
-        t, t_next = ts[i], ts[i + 1]
-        lr = lr_at(step, cfg, cfg.lr, cfg.steps)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            x, texts = next(stream)
-            z0, ctx = latent_batch(x, texts, vae, text, device)
-            uncond = null.expand(ctx.shape[0], -1, -1)
-            tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
-            x_t = S.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=g).to(device))
-            target = U.distill_target(S.guided_denoiser(teacher, sched, ctx, uncond, cfg.guidance), x_t, t, t_next,
-                                      sched, sub)
-            with autocast(cfg, device):
-                x0_pred = S.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
-                loss = U.recon_loss(x0_pred.float(), target, tb, sched)
-            (loss / cfg.grad_accum).backward()
-        clip_and_step(list(student.parameters()), opt, cfg)
-        ema_update(student_ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        log.step(step + 1, {"loss": float(loss.detach()), "t": float(t), "lr": lr},
-                 write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            save_generator(ckpt_path, step + 1, student, student_ema, text, vae, cfg, {
-                "g_raw": student.state_dict(), "g_ema_raw": student_ema.state_dict(), "opt_g": opt.state_dict(),
-                "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
-    log.close()
-    if rank == 0:
-        print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
-        if cfg.data == "shapes":
-            pipe = S.Pipeline.from_checkpoint(ckpt_path, device)
-            prompts = evaluate.heldout_prompts(cfg, cfg.eval_images)
-            res, imgs = evaluate.evaluate_t2i(pipe, prompts, real=evaluate.heldout_images(cfg, cfg.eval_images),
-                                              steps=ucfg.target_steps, guidance_scale=1.0)
-            name = f"{ucfg.target_steps}step"
-            evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
-            print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-    return ckpt_path
-
-
-# ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -900,6 +841,7 @@ def parse_args(argv=None):
     md.add_config_flags(p, vae_lib.VAEConfig, prefix="vae_")
     md.add_config_flags(p, ufogen.UFOGenConfig)
     md.add_config_flags(p, md.TextConfig, prefix="text_")
+    md.add_config_flags(p, plugins.PluginConfig, prefix="plugin_")
     args = p.parse_args(argv)
     cfg = md.config_from_args(TrainConfig(), args)
     if cfg.stage not in STAGES + ("all",):
@@ -929,7 +871,10 @@ def main(argv=None):
     if cfg.stage in ("ufogen", "all"):
         train_ufogen(stage_config(cfg, "ufogen"), ucfg, rank, world, device)
     if cfg.stage == "distill":                                  # not in "all": it does not fit the 15-minute tiny run
-        train_distill(stage_config(cfg, "distill"), ucfg, rank, world, device)
+        ufogen.train_distill(stage_config(cfg, "distill"), ucfg, rank, world, device)
+    if cfg.stage in ("lora", "adapter"):                        # 5.4 plugins, on the frozen base
+        pcfg = md.config_from_args(plugins.PluginConfig(), args, "plugin_")
+        plugins.train_plugin(stage_config(cfg, cfg.stage), pcfg, rank, world, device)
     if world > 1:
         dist.destroy_process_group()
 

@@ -12,7 +12,7 @@ and LoRA) and the abstract's 8-step distillation.
          "ema"        Eq. 3: ||sg(G_EMA(x_t, t)) - x0'||^2, an EMA of G (decay 1 = "distill")
   4.3  LoRA on G only, null-initialised, D fully trained (add_lora, merge_lora, lora_state_dict)
   abstract  "distillation ... to achieve 8-step ... inference": guided DDIM-50 teacher -> 8-step student
-       (distill_target), one stage of TRACT-style transitive distillation (Berthelot et al. 2023) with
+       (distill_target; its stage loop, train_distill, run by train.py --stage distill), one stage of TRACT-style transitive distillation (Berthelot et al. 2023) with
        classifier-free guidance folded into the student (Meng et al. 2023, the paper's [38]).
 
 Choices the paper leaves open, taken from UFOGen's public code (xuyanwu/SIDDMs-UFOGen, UFO_DiT/train_ufo.py)
@@ -30,13 +30,17 @@ Run it:
 
 import argparse
 import copy
+import dataclasses
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import md
 import sample as S
 
@@ -238,8 +242,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only the LoRA weights (a small file that applies on top of the base model)."""
-    return {k: v for k, v in model.state_dict().items() if ".down." in k or ".up." in k}
+    """Only the LoRA factors, by the names state_dict() gives them (a small file that applies on top of the
+    base model: plugins.load_lora)."""
+    return {f"{name}.{part}.weight": getattr(m, part).weight.detach()
+            for name, m in model.named_modules() if isinstance(m, LoRA) for part in ("down", "up")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +275,74 @@ def distill_target(teacher_denoise, x_t, t: int, t_next: int, sched: dict, sub_s
     return (x - (s_n / s_t) * x_t) / (a_n - (s_n / s_t) * a_t)
 
 
+def train_distill(cfg, ucfg: UFOGenConfig, rank: int, world: int, device: str) -> str:
+    """The student learns, at each of its `target_steps` timesteps, the x0 that makes one DDIM step land
+    where `teacher_steps / target_steps` steps of the guided teacher land (ufogen.distill_target). Guidance is
+    folded in (Meng et al. 2023): the student is sampled without CFG, at half the cost per step."""
+    import evaluate
+    import train as tr
+    validate(ucfg)
+    base, unet, vae, text, base_conf, cfg = tr.load_base(cfg, device)
+    teacher = unet.requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    student_ema = copy.deepcopy(student).requires_grad_(False)
+    sched = S.make_schedule()
+    ts = S.trailing_timesteps(ucfg.target_steps) + [-1]
+    sub = max(ucfg.teacher_steps // ucfg.target_steps, 1)
+    opt = tr.make_optimizer(student.parameters(), cfg, cfg.lr)
+    ckpt_path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
+    if cfg.resume:
+        ck = tr.load_checkpoint(ckpt_path)
+        student.load_state_dict(ck["g_raw"])
+        student_ema.load_state_dict(ck["g_ema_raw"])
+        opt.load_state_dict(ck["opt_g"])
+        start = ck["step"]
+    net = tr.wrap(student, cfg, world, device)
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
+    stream = tr.batches(dataset, cfg, rank, world, start, device)
+    log = tr.Log(cfg.out_dir, "distill", cfg.steps, start, rank)
+    null, t0 = tr.null_context(text), time.time()
+    for step in range(start, cfg.steps):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        i = int(torch.randint(0, ucfg.target_steps, (1,), generator=g))          # one student step per batch
+        t, t_next = ts[i], ts[i + 1]
+        lr = tr.lr_at(step, cfg, cfg.lr, cfg.steps)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            x, texts = next(stream)
+            z0, ctx = tr.latent_batch(x, texts, vae, text, device)
+            uncond = null.expand(ctx.shape[0], -1, -1)
+            tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
+            x_t = S.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=g).to(device))
+            target = distill_target(S.guided_denoiser(teacher, sched, ctx, uncond, cfg.guidance), x_t, t, t_next,
+                                    sched, sub)
+            with tr.autocast(cfg, device):
+                x0_pred = S.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
+                loss = recon_loss(x0_pred.float(), target, tb, sched)
+            (loss / cfg.grad_accum).backward()
+        tr.clip_and_step(list(student.parameters()), opt, cfg)
+        tr.ema_update(student_ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        log.step(step + 1, {"loss": float(loss.detach()), "t": float(t), "lr": lr},
+                 write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            tr.save_generator(ckpt_path, step + 1, student, student_ema, text, vae, cfg, {
+                "g_raw": student.state_dict(), "g_ema_raw": student_ema.state_dict(), "opt_g": opt.state_dict(),
+                "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
+    log.close()
+    if rank == 0:
+        print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
+        if cfg.data == "shapes":
+            pipe = S.Pipeline.from_checkpoint(ckpt_path, device)
+            prompts = evaluate.heldout_prompts(cfg, cfg.eval_images)
+            res, imgs = evaluate.evaluate_t2i(pipe, prompts, real=evaluate.heldout_images(cfg, cfg.eval_images),
+                                              steps=ucfg.target_steps, guidance_scale=1.0)
+            name = f"{ucfg.target_steps}step"
+            evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+            print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return ckpt_path
+
+
 # ----------------------------------------------------------------------------------------------------
 # Table 5 at toy scale
 # ----------------------------------------------------------------------------------------------------
@@ -277,7 +351,6 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
     """Runs the 3 reconstruction losses x {full, LoRA} on the tiny setup and prints Table 5's shape: for
     1-step samples on held-out prompts, attribute accuracy and a Frechet distance on pixel features."""
     import json
-    import os
     import train
     rows, results = [], {}
     for recon in ("diffusion", "distill", "ema"):

@@ -105,6 +105,7 @@ def test_read_prompts_and_bad_input(tmp_path):
 def test_paper_tables_on_an_empty_run_says_what_was_not_run(tmp_path):
     text = ev.paper_tables(str(tmp_path / "run"), str(tmp_path / "report"), eval_images=4, litert=False)
     assert "not run: no" in text and "diffusion.pt" in text and "python ufogen.py --table5" in text
+    assert "python plugins.py --report" in text
     assert "quoted (paper, 512px)" in text and "measured" in text                 # Table 1, both kinds of rows
     assert "| torch |" in text and "quoted, paper Table 4" in text
     assert json.load(open(tmp_path / "report" / "table4.json"))["torch"]["steps"] == 1

@@ -18,11 +18,11 @@ import train
 # --- data -----------------------------------------------------------------------------------------
 
 def test_checker_reads_the_datasets_own_images():
-    for split in ("train", "heldout"):
-        ds = data.Shapes(split, 64)
+    for split, style in (("train", "plain"), ("heldout", "plain"), ("train", "mixed")):
+        ds = data.Shapes(split, 64, style=style)
         images = torch.stack([ds[i][0] for i in range(300)])
         acc = data.attribute_accuracy(images, [ds[i][1] for i in range(300)])
-        assert min(acc.values()) >= 0.98, (split, acc)
+        assert min(acc.values()) >= 0.98, (split, style, acc)
 
 
 def test_heldout_combinations_never_appear_in_training():
@@ -186,7 +186,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tiny_vae_ckpt):
 def test_stage_writes_eval_and_pipeline_is_deterministic(tmp_path, tiny_vae_ckpt):
     train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 2))
     ev = json.load(open(tmp_path / "eval.json"))
-    assert set(ev["ddim2"]) == {"color", "background", "shape", "ms_per_image"}
+    assert set(ev["ddim2"]) == {"color", "background", "shape", "style", "ms_per_image"}
     pipe = S.Pipeline.from_checkpoint(str(tmp_path / "diffusion.pt"))
     a = pipe(["a red circle on a blue background"], steps=3, seed=7)
     b = pipe(["a red circle on a blue background"], steps=3, seed=7)

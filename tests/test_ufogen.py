@@ -3,7 +3,6 @@ reconstruction terms, LoRA's parameter count / null init / merge, and the distil
 oracle teacher (a hand-checkable fixed point)."""
 
 import copy
-import dataclasses
 import json
 import os
 
@@ -16,23 +15,14 @@ import train
 import ufogen as U
 
 
-def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    unet = md.UNet(md.PRESETS["tiny"])
-    for m in unet.modules():                       # random everywhere: zero-init would hide the paths under test
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return unet
-
-
 def batch(n=4):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(n, 8, 8, 8, generator=g), torch.randint(1, 1000, (n,), generator=g),
             torch.randn(n, 77, 128, generator=g))
 
 
-def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen():
-    unet, sched = tiny_unet(), S.make_schedule()
+def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen(random_unet):
+    unet, sched = random_unet(), S.make_schedule()
     disc = U.Discriminator(unet)
     z0, t, ctx = batch()
     assert torch.equal(disc(z0, t, ctx), torch.zeros(4, 1, 8, 8))   # zero-init head: logit 0 everywhere
@@ -51,10 +41,10 @@ def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen():
     assert float(U.d_loss(disc(real, tp, ctx), disc(fake, tp, ctx), clamp=0)) < first
 
 
-def test_generator_gets_a_nonzero_adversarial_gradient_and_its_loss_falls_with_d_frozen():
+def test_generator_gets_a_nonzero_adversarial_gradient_and_its_loss_falls_with_d_frozen(random_unet):
     """The known bug of some reimplementations: building x'_{t-1} under no_grad leaves G without any
     adversarial gradient. Here the fake is built with grad, and D is frozen but random (non-neutral)."""
-    unet, sched = tiny_unet(), S.make_schedule()
+    unet, sched = random_unet(), S.make_schedule()
     disc = U.Discriminator(unet)
     torch.nn.init.normal_(disc.unet.conv_out.weight, std=0.05)
     disc.requires_grad_(False)
@@ -81,9 +71,9 @@ def test_generator_gets_a_nonzero_adversarial_gradient_and_its_loss_falls_with_d
     assert float(adv()) < first
 
 
-def test_ema_distill_with_decay_one_equals_distill():
+def test_ema_distill_with_decay_one_equals_distill(random_unet):
     """Eq. 3 with decay 1: G^EMA never moves from the pretrained weights, i.e. it is Eq. 2's teacher."""
-    unet, sched = tiny_unet(), S.make_schedule()
+    unet, sched = random_unet(), S.make_schedule()
     teacher = copy.deepcopy(unet).requires_grad_(False)
     gen = copy.deepcopy(unet)
     gen_ema = copy.deepcopy(gen).requires_grad_(False)
@@ -109,8 +99,8 @@ def test_gamma_makes_the_diffusion_term_the_v_loss():
 
 
 @pytest.mark.parametrize("convs", [False, True])
-def test_lora_parameter_count_null_init_and_merge(convs):
-    unet = tiny_unet()
+def test_lora_parameter_count_null_init_and_merge(convs, random_unet):
+    unet = random_unet()
     targets = U.lora_targets(unet, convs)
     r = 4
     expected = 0
@@ -153,8 +143,8 @@ def test_distill_target_of_an_oracle_teacher_is_its_x0():
     torch.testing.assert_close(U.distill_target(oracle, x_t, 124, -1, sched, 6), x0_star)
 
 
-def test_one_step_sampling_is_deterministic_for_a_seed():
-    unet, sched = tiny_unet(), S.make_schedule()
+def test_one_step_sampling_is_deterministic_for_a_seed(random_unet):
+    unet, sched = random_unet(), S.make_schedule()
     ctx = torch.randn(2, 77, 128)
     den = S.v_denoiser(unet, sched, ctx)
     a = S.renoise(den, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), sched, 1)
@@ -177,9 +167,9 @@ def test_bad_ufogen_config_names_the_field():
         U.validate(U.UFOGenConfig(t_power=0))
 
 
-def test_guided_distill_target_is_cfg_of_the_teacher():
+def test_guided_distill_target_is_cfg_of_the_teacher(random_unet):
     """recon_guidance w: target = x0(uncond) + w (x0(cond) - x0(uncond)), by hand; w = 1 is Eq. 2 as printed."""
-    unet, sched = tiny_unet(), S.make_schedule()
+    unet, sched = random_unet(), S.make_schedule()
     z0, t, ctx = batch()
     uncond = torch.zeros_like(ctx)
     x_t = S.q_sample(sched, z0, t, z0.flip(0))
@@ -200,15 +190,6 @@ def test_timestep_sampling_power():
         t = U.sample_t(U.UFOGenConfig(t_power=power), 20000, g)
         assert t.min() >= 1 and t.max() <= S.T - 1 and t.dtype == torch.long
         assert abs((t > 0.75 * S.T).float().mean().item() - want) < 0.02, power
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    common = ["--batch_size", "4", "--out_dir", str(d), "--sample_every", "0", "--eval_images", "4", "--warmup", "1"]
-    train.main(["--stage", "vae", "--steps", "2", *common])
-    train.main(["--stage", "diffusion", "--steps", "2", "--eval_steps", "2", *common])
-    return d
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--recon", "ema"]])
