@@ -3,6 +3,7 @@ model with the hand-computed weight change, Sobel edges of a square lie on its b
 known latents exactly where the method says, and bad inputs are named; the lora / adapter stages end to end."""
 
 import copy
+import json
 import sys
 
 import pytest
@@ -162,13 +163,21 @@ def test_wrong_sized_cond_or_mask_is_named(tiny_pipe, tmp_path, monkeypatch):
 def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp_path, monkeypatch, capsys):
     out = tmp_path / "plug"
     common = ["--init_from", str(tiny_base / "diffusion.pt"), "--steps", "2", "--batch_size", "4", "--out_dir", str(out),
-              "--eval_images", "4", "--warmup", "1"]
+              "--eval_images", "4", "--warmup", "1", "--log_every", "1"]
     train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common])
     train.main(["--stage", "adapter", "--plugin_adapter_blocks", "1", *common])
     log = capsys.readouterr().out
     assert "(outlined data)" in log and "eval with the lora" in log and "edge_iou" in log
     lora = train.load_checkpoint(str(out / "lora.pt"))
     assert lora["kind"] == "lora" and lora["rank"] == 2 and lora["step"] == 2
+    train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common[:3], "3", *common[4:], "--resume", "true"])
+    straight = tmp_path / "straight"                 # 2 steps + resume to 3 == 3 steps straight, bit for bit
+    train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common[:3], "3", *common[4:7], str(straight), *common[8:]])
+    resumed, want = train.load_checkpoint(str(out / "lora.pt")), train.load_checkpoint(str(straight / "lora.pt"))
+    assert resumed["step"] == 3 and all(torch.equal(resumed["state"][k], want["state"][k]) for k in want["state"])
+    assert any(not torch.equal(resumed["state"][k], lora["state"][k]) for k in lora["state"])
+    logged = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["stage"] == "lora"]
+    assert logged == [1, 2, 3]                       # the resumed run did step 3 only
     assert any(v.abs().sum() > 0 for k, v in lora["state"].items() if k.endswith("up.weight"))   # it trained
     ad = P.load_adapter(str(out / "adapter.pt"), md.UNet(md.PRESETS["tiny"]))
     assert len(ad.levels[0]) == 1 and any(o.weight.abs().sum() > 0 for o in ad.outs)
