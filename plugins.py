@@ -25,6 +25,7 @@ the unchanged samplers; nothing is specific to one sampler or one model.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import evaluate
 import md
 import sample as S
 import ufogen as U
@@ -192,6 +194,7 @@ def load_adapter(path: str, unet: md.UNet) -> Adapter:
         raise ValueError(f"{path}: the adapter feeds UNet channels {tuple(ck['unet']['channels'])}, this UNet has {unet.cfg.channels}")
     adapter = Adapter(unet.cfg, ck["factor"], ck["cond_channels"], ck["blocks"])
     adapter.load_state_dict(ck["state"])
+    adapter.edge_threshold = ck.get("edge_threshold", PluginConfig.edge_threshold)   # edges as in its training
     return adapter.eval().requires_grad_(False)
 
 
@@ -364,8 +367,6 @@ def measure(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, threshold: 
       adapter: edge IoU with the condition edges, colour/background accuracy
       inpaint: keep-region PSNR of the decoded latent (no paste) and colour/background accuracy
     plugin: the file (LoRA or adapter), loaded here and taken off again; None = without it."""
-    import evaluate
-    import copy
     unet = pipe.unet
     if kind == "lora" and plugin:
         pipe.unet = load_lora(copy.deepcopy(unet), plugin)
@@ -374,9 +375,9 @@ def measure(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, threshold: 
             res, imgs = evaluate.evaluate_t2i(pipe, ev["style_prompts"], **kw)
             out = {k: res[k] for k in ("style", "color", "background", "shape")}
         elif kind == "adapter":
-            cond = edges(ev["images"], threshold)
             if plugin:
-                pipe.load_adapter(plugin)
+                threshold = pipe.load_adapter(plugin).adapter.edge_threshold
+            cond = edges(ev["images"], threshold)
             res, imgs = evaluate.evaluate_t2i(pipe, ev["prompts"], **kw, **({"cond": cond} if plugin else {}))
             out = {"edge_iou": float(edge_iou(edges(imgs.to(cond.device), threshold), cond).mean()),
                    **{k: res[k] for k in ("color", "background", "shape")}}

@@ -357,7 +357,7 @@ def main():
             raise SystemExit("--adapter needs exactly one of --cond (an edge map) or --edges_from (an image)")
         pipe.load_adapter(args.adapter)
         kw["cond"] = (read_image(args.cond, "--cond", size, "gray") if args.cond else
-                      plugins.edges(read_image(args.edges_from, "--edges_from", size, "rgb")))
+                      plugins.edges(read_image(args.edges_from, "--edges_from", size, "rgb"), pipe.adapter.edge_threshold))
         kw["adapter_scale"] = args.adapter_scale
     elif args.cond or args.edges_from:
         raise SystemExit("--cond / --edges_from need --adapter")
