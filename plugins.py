@@ -314,10 +314,8 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
 # Measuring it: the plugin metrics on held-out prompts, for any pipeline and sampler
 # ----------------------------------------------------------------------------------------------------
 
-SAMPLING = {                                                    # Pipeline keyword arguments per model kind
-    "base": dict(steps=50, guidance_scale=3.0, sampler="ddim"),          # 5.2: DDIM 50 + CFG 3
-    "onestep": dict(steps=1, guidance_scale=1.0, sampler="renoise"),     # UFOGen: one step, no CFG
-}
+SAMPLING = {"base": evaluate.EVAL_SAMPLERS["ddim50"],            # 5.2: DDIM 50 + CFG 3
+            "onestep": evaluate.EVAL_SAMPLERS["onestep"]}          # UFOGen: one step, no CFG
 INPAINT_VARIANTS = {                                            # how the one-step model inpaints (see above)
     "1 step": dict(steps=1),
     "1 step, strength 0.6": dict(steps=1, strength=0.6),
