@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 import md
+import sample as S
 import vae as vae_lib
 
 
@@ -96,12 +97,11 @@ def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str
     """eval.json's "onestep" (UFOGen, 1 step, no CFG: 5.2 "UFOGen does not have cfg") and "ddim1" (the base
     model's 1-step DDIM, the blurry E[x0 | x_T] of 4.2), with a Frechet distance on pixel features; and one
     grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
-    import sample as S
     prompts = heldout_prompts(cfg, cfg.eval_images)
     real = heldout_images(cfg, cfg.eval_images)
     base, ufo = S.Pipeline.from_checkpoint(base_path, device), S.Pipeline.from_checkpoint(ufo_path, device)
     rows = []
-    for name, pipe, kw in [("onestep", ufo, dict(steps=1, guidance_scale=1.0, sampler="renoise")),
+    for name, pipe, kw in [("onestep", ufo, S.SAMPLING["onestep"]),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
         res, imgs = evaluate_t2i(pipe, prompts, real=real, **kw)
         update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
@@ -115,12 +115,6 @@ def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str
 # 5.1 Metrics for real data: FID-30K and CLIP score, on images generated (resumably) to a folder
 # ----------------------------------------------------------------------------------------------------
 
-# The samplers of Table 2 (and the abstract's 8 steps), as Pipeline keyword arguments.
-EVAL_SAMPLERS = {
-    "ddim50": dict(steps=50, guidance_scale=3.0, sampler="ddim"),        # 5.2: DDIM 50 steps, CFG ~3
-    "eight_step": dict(steps=8, guidance_scale=1.0, sampler="ddim"),     # the distilled student, CFG folded in
-    "onestep": dict(steps=1, guidance_scale=1.0, sampler="renoise"),     # UFOGen: one step, no CFG
-}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"           # torch-fidelity's converted TF-FID weights
 
 
@@ -222,7 +216,6 @@ def list_images(folder: str) -> list[str]:
 
 def evaluate_cli(args) -> dict:
     """Generate for --prompts (or the tiny held-out prompts) with --sampler, then every metric available."""
-    import sample as S
     from train import TrainConfig
     pipe = S.Pipeline.from_checkpoint(args.ckpt)
     tiny = args.prompts is None
@@ -233,7 +226,7 @@ def evaluate_cli(args) -> dict:
         prompts = read_prompts(args.prompts)[:args.n or None]
     folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), f"eval_{args.sampler}")
     t0 = time.perf_counter()
-    paths = generate(pipe, prompts, folder, args.batch, args.seed, **EVAL_SAMPLERS[args.sampler])
+    paths = generate(pipe, prompts, folder, args.batch, args.seed, **S.SAMPLING[args.sampler])
     result = {"sampler": args.sampler, "n": len(paths), "images": folder}
     images = load_folder(paths).float() / 127.5 - 1                  # [-1, 1], as the checker reads them
     if tiny:
@@ -264,7 +257,6 @@ PAPER_TABLE5 = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (
 def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: bool = True) -> str:
     """Tables 1, 2, 4, 5 and the 5.4 plugins from what the tiny run left in run_dir, each row measured or quoted."""
     import export_coreml
-    import sample as S
     from train import TrainConfig
     os.makedirs(report_dir, exist_ok=True)
     t_start, out = time.time(), ["# MobileDiffusion at toy scale: the paper's tables", ""]
@@ -274,9 +266,9 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
     # Table 2: samplers on the held-out prompts, same prompts and seeds for every row.
     cfg = TrainConfig()
     prompts, real = heldout_prompts(cfg, eval_images), heldout_images(cfg, eval_images)
-    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", EVAL_SAMPLERS["ddim50"]),
-            ("8-step student", "distill.pt", EVAL_SAMPLERS["eight_step"]),
-            ("1-step UFOGen", "ufogen.pt", EVAL_SAMPLERS["onestep"]),
+    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", S.SAMPLING["ddim50"]),
+            ("8-step student", "distill.pt", S.SAMPLING["eight_step"]),
+            ("1-step UFOGen", "ufogen.pt", S.SAMPLING["onestep"]),
             ("1-step DDIM + CFG 3 (base)", "diffusion.pt", dict(steps=1, guidance_scale=3.0, sampler="ddim"))]
     out += [f"## Table 2 (toy): {len(prompts)} held-out prompts (unseen attribute combinations), 2 CPU cores", "",
             "| model | colour | background | shape | Fréchet (8×8 pixels) | ms / image | |", "|---|---|---|---|---|---|---|"]
@@ -343,7 +335,7 @@ def main(argv=None):
     p.add_argument("--report_dir", default="out/report")
     p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
     p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt)")
-    p.add_argument("--sampler", default="ddim50", choices=sorted(EVAL_SAMPLERS))
+    p.add_argument("--sampler", default="ddim50", choices=sorted(S.SAMPLING))
     p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")
     p.add_argument("--ref_dir", help="real images for FID / pixel Frechet")
     p.add_argument("--n", type=int, default=0, help="number of prompts (5.1: 30000); 0 = all")

@@ -253,7 +253,10 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
     path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
     if cfg.resume:
         ck = tr.load_checkpoint(path)
-        (unet.load_state_dict(ck["state"], strict=False) if adapter is None else adapter.load_state_dict(ck["state"]))
+        if adapter is None:
+            unet.load_state_dict(ck["state"], strict=False)                  # the LoRA factors only
+        else:
+            adapter.load_state_dict(ck["state"])
         opt.load_state_dict(ck["opt"])
         start = ck["step"]
     if rank == 0:
@@ -263,22 +266,24 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
     stream = tr.batches(dataset, cfg, rank, world, start, device)
     log = tr.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
     per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
+    lat = (unet.cfg.in_channels, cfg.resolution // vae.cfg.factor, cfg.resolution // vae.cfg.factor)
     t0 = time.time()
     for step in range(start, cfg.steps):
         lr = tr.lr_at(step, cfg, cfg.lr, cfg.steps)
         for grp in opt.param_groups:
             grp["lr"] = lr
+        # The global batch's randomness from (seed, step), each process taking its slice (as the diffusion stage).
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         t_all = torch.randint(0, len(sched["alpha"]), (cfg.batch_size,), generator=g)
         drop_all = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
+        eps_all = torch.randn((cfg.batch_size, *lat), generator=g)
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
             sl = slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
-            t = t_all[sl].to(device)
+            t, eps = t_all[sl].to(device), eps_all[sl].to(device)
             texts = ["" if d else c for c, d in zip(texts, drop_all[sl].tolist())]
             z0, ctx = tr.latent_batch(x, texts, vae, text, device)
-            eps = torch.randn(z0.shape, generator=g).to(device)
             with tr.autocast(cfg, device):
                 x_t = S.q_sample(sched, z0, t, eps)
                 if adapter is None:
@@ -304,9 +309,9 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
         if cfg.data == "shapes":
             pipe, ev = S.Pipeline.from_checkpoint(base, device), heldout(cfg.resolution, cfg.eval_images, device)
             for label, plugin in (("without", None), ("with", path)):
-                res = measure(cfg.stage, pipe, plugin, SAMPLING["base"], ev)
+                res = measure(cfg.stage, pipe, plugin, S.SAMPLING["ddim50"], ev)
                 print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"
-                      f"{SAMPLING['base']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+                      f"{S.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     return path
 
 
@@ -314,8 +319,6 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
 # Measuring it: the plugin metrics on held-out prompts, for any pipeline and sampler
 # ----------------------------------------------------------------------------------------------------
 
-SAMPLING = {"base": evaluate.EVAL_SAMPLERS["ddim50"],            # 5.2: DDIM 50 + CFG 3
-            "onestep": evaluate.EVAL_SAMPLERS["onestep"]}          # UFOGen: one step, no CFG
 INPAINT_VARIANTS = {                                            # how the one-step model inpaints (see above)
     "1 step": dict(steps=1),
     "1 step, strength 0.6": dict(steps=1, strength=0.6),
@@ -398,8 +401,8 @@ def report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: i
     os.makedirs(out_dir, exist_ok=True)
     base_pipe = S.Pipeline.from_checkpoint(base, device)
     ev = heldout(base_pipe.resolution, n, device)
-    models = [("base, DDIM-50 + CFG 3", base_pipe, SAMPLING["base"])]
-    models += [(name, S.Pipeline.from_checkpoint(path, device), SAMPLING["onestep"]) for name, path in onestep.items()]
+    models = [("base, DDIM-50 + CFG 3", base_pipe, S.SAMPLING["ddim50"])]
+    models += [(name, S.Pipeline.from_checkpoint(path, device), S.SAMPLING["onestep"]) for name, path in onestep.items()]
     rows, grid, results = [], [], {}
     for name, pipe, kw in models:
         r = {}
@@ -420,9 +423,8 @@ def report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: i
         print(f"{name}: {(time.time() - t0) / 60:.1f} min")
     # VAE ceilings: the checker on reconstructions of the real style images / of the inpainting inputs.
     vae = base_pipe.vae
-    styled = torch.stack([data.render(**{k: a[k] for k in ("shape", "color", "background", "cx", "cy", "r")},
-                                      resolution=base_pipe.resolution, style="outlined")
-                          for a in (data.Shapes("heldout", base_pipe.resolution).attributes(i) for i in range(n))])
+    styled_ds = data.Shapes("heldout", base_pipe.resolution, style="outlined")      # the same items, outlined
+    styled = torch.stack([styled_ds[i][0] for i in range(n)])
     recon = vae.decode(vae.encode(styled.to(device)).mode()).cpu()
     ceil_style = data.attribute_accuracy(recon, ev["style_prompts"])
     rec = vae.decode(vae.encode(ev["images"]).mode()).cpu()

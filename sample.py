@@ -291,12 +291,15 @@ class Pipeline:
         return [to_pil(im) for im in self.images(prompts, **kw)]
 
 
-# Sampling defaults by the kind of checkpoint (its training stage): what each model was made for.
-STAGE_SAMPLING = {
-    "ufogen": dict(sampler="renoise", steps=1, guidance=1.0),    # 4: one step, no CFG (5.2)
-    "distill": dict(sampler="ddim", steps=8, guidance=1.0),      # the 8-step student, guidance folded in
+# The samplers of Table 2 (and the abstract's 8 steps) by name, as Pipeline keyword arguments: sample.py's
+# defaults per kind of checkpoint, evaluate.py's --sampler and plugins.py's models all read them from here.
+SAMPLING = {
+    "ddim50": dict(steps=50, guidance_scale=3.0, sampler="ddim"),        # 5.2: DDIM 50 steps, CFG ~3
+    "eight_step": dict(steps=8, guidance_scale=1.0, sampler="ddim"),     # the distilled student, CFG folded in
+    "onestep": dict(steps=1, guidance_scale=1.0, sampler="renoise"),     # UFOGen: one step, no CFG (5.2)
 }
-DEFAULT_SAMPLING = dict(sampler="ddim", steps=50, guidance=3.0)  # 5.2: DDIM 50 + CFG ~3
+STAGE_SAMPLING = {"ufogen": "onestep", "distill": "eight_step"}         # what each checkpoint was made for;
+                                                                         # any other: ddim50
 
 
 def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
@@ -345,9 +348,9 @@ def main():
     from data import image_grid
     import plugins
     pipe = Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
-    defaults = STAGE_SAMPLING.get(pipe.stage, DEFAULT_SAMPLING)
+    defaults = SAMPLING[STAGE_SAMPLING.get(pipe.stage, "ddim50")]
     sampler, steps, guidance = (args.sampler or defaults["sampler"], args.steps or defaults["steps"],
-                                defaults["guidance"] if args.guidance is None else args.guidance)
+                                defaults["guidance_scale"] if args.guidance is None else args.guidance)
     size = args.resolution or pipe.resolution
     if args.lora:
         pipe.load_lora(args.lora, args.lora_scale)

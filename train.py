@@ -665,7 +665,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         plot_curves(log.path, os.path.join(cfg.out_dir, "loss_diffusion.png"), "diffusion", ["loss"])
         if cfg.data == "shapes":
             pipe = S.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
-            prompts = [p for p in evaluate.heldout_prompts(cfg, cfg.eval_images)]
+            prompts = evaluate.heldout_prompts(cfg, cfg.eval_images)
             name = f"ddim{cfg.eval_steps}"
             res, imgs = evaluate.evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
             evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
