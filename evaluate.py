@@ -11,6 +11,7 @@ For real data, 5.1's zero-shot FID-30K (InceptionV3 pool features, from torch-fi
   python evaluate.py --ckpt md.pt --prompts coco_val2014_30k.txt --ref_dir coco_val2014/ --sampler ddim50 \
       --n 30000 --inception_weights weights-inception-2015-12-05-6726825d.pth \
       --clip_model ViT-g-14 --clip_weights open_clip_vit_g14.bin                       # FID-30K + CLIP score
+  python evaluate.py --ckpt out/tiny/diffusion.pt --guidance 1,2,3,5,8               # 5.2: quality vs alignment
   python evaluate.py --paper_tables                                                  # out/report/report.md
 """
 
@@ -43,7 +44,7 @@ def heldout_images(cfg: TrainConfig, n: int) -> torch.Tensor:
 
 
 def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"                        # per process: two writers never share a temp file
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -141,10 +142,53 @@ def read_prompts(path: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int = 0, **sample_kw) -> list[str]:
+def file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(ckpt: str, prompts: list[str], batch: int, seed: int, sample_kw: dict) -> dict:
+    """What fixes every image of a generation folder: the checkpoint's bytes, the prompts, the seeding (seed and
+    batch: batch i is seeded seed + i) and the sampler settings. Saved as fingerprint.json beside the images."""
+    import hashlib
+    return {"ckpt_sha256": file_sha256(ckpt), "n": len(prompts), "seed": seed, "batch": batch,
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "sampling": {k: v for k, v in sorted(sample_kw.items())}}
+
+
+def check_fingerprint(folder: str, fp: dict, overwrite: bool) -> None:
+    """A folder holding images of another checkpoint / seed / sampler / prompt set is never reused: refuse,
+    naming what differs, or with `overwrite` delete its images and start over."""
+    path = os.path.join(folder, "fingerprint.json")
+    pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
+    old = json.load(open(path)) if os.path.isfile(path) else None
+    if old is None and not pngs:
+        write_json(path, fp)
+        return
+    diff = ["no fingerprint.json (written by an older version?)"] if old is None else \
+           [f"{k}: folder {old.get(k)!r} vs now {fp[k]!r}" for k in fp if old.get(k) != fp[k]]
+    if not diff:
+        return
+    if not overwrite:
+        raise ValueError(f"{folder} holds {len(pngs)} images from another run ({'; '.join(diff)}); give another "
+                         f"--out_dir, or --overwrite to delete them and generate again")
+    for f in pngs:
+        os.remove(os.path.join(folder, f))
+    write_json(path, fp)
+
+
+def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int = 0, fingerprint: dict | None = None,
+             overwrite: bool = False, **sample_kw) -> list[str]:
     """Write prompts[i] -> folder/000000i.png, in fixed batches seeded by their first index, so a resumed run
-    skips finished batches and reproduces the rest exactly. Files appear atomically (tmp + rename)."""
+    skips finished batches and reproduces the rest exactly. Files appear atomically (tmp + rename). With a
+    `fingerprint` (run_fingerprint) the folder is only resumed if it was made by the same run."""
     os.makedirs(folder, exist_ok=True)
+    if fingerprint is not None:
+        check_fingerprint(folder, fingerprint, overwrite)
     paths = [os.path.join(folder, f"{i:07d}.png") for i in range(len(prompts))]
     todo = [i for i in range(0, len(prompts), batch) if not all(os.path.isfile(p) for p in paths[i:i + batch])]
     done = sum(os.path.isfile(p) for p in paths)
@@ -152,8 +196,9 @@ def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int =
         images = pipe.images(prompts[i:i + batch], seed=seed + i, **sample_kw).cpu()
         for path, img in zip(paths[i:i + batch], images):
             if not os.path.isfile(path):
-                data.to_pil(img).save(path + ".tmp.png")
-                os.replace(path + ".tmp.png", path)
+                tmp = f"{path}.{os.getpid()}.tmp.png"
+                data.to_pil(img).save(tmp)
+                os.replace(tmp, path)
     return paths
 
 
@@ -214,8 +259,9 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def evaluate_cli(args) -> dict:
-    """Generate for --prompts (or the tiny held-out prompts) with --sampler, then every metric available."""
+def evaluate_cli(args, guidance: float | None = None) -> dict:
+    """Generate for --prompts (or the tiny held-out prompts) with --sampler (its CFG scale replaced by
+    `guidance` if given), then every metric available."""
     from train import TrainConfig
     pipe = S.Pipeline.from_checkpoint(args.ckpt)
     tiny = args.prompts is None
@@ -224,10 +270,14 @@ def evaluate_cli(args) -> dict:
         prompts = heldout_prompts(cfg, args.n or cfg.eval_images)
     else:
         prompts = read_prompts(args.prompts)[:args.n or None]
-    folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), f"eval_{args.sampler}")
+    kw = {**S.SAMPLING[args.sampler], **({} if guidance is None else {"guidance_scale": guidance})}
+    name = f"eval_{args.sampler}" + ("" if guidance is None else f"_cfg{guidance:g}")
+    folder = os.path.join(args.out_dir, name) if args.out_dir and guidance is not None else \
+        args.out_dir or os.path.join(os.path.dirname(args.ckpt), name)
     t0 = time.perf_counter()
-    paths = generate(pipe, prompts, folder, args.batch, args.seed, **S.SAMPLING[args.sampler])
-    result = {"sampler": args.sampler, "n": len(paths), "images": folder}
+    fp = run_fingerprint(args.ckpt, prompts, args.batch, args.seed, kw)
+    paths = generate(pipe, prompts, folder, args.batch, args.seed, fingerprint=fp, overwrite=args.overwrite, **kw)
+    result = {"sampler": args.sampler, "guidance_scale": kw.get("guidance_scale", 1.0), "n": len(paths), "images": folder}
     images = load_folder(paths).float() / 127.5 - 1                  # [-1, 1], as the checker reads them
     if tiny:
         result.update(data.attribute_accuracy(images, prompts))
@@ -244,6 +294,70 @@ def evaluate_cli(args) -> dict:
     print(json.dumps(result, indent=2))
     write_json(os.path.join(folder, "metrics.json"), result)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5.2 "FID vs. CLIP curve ... by varying cfg scales": one point per guidance scale
+# ----------------------------------------------------------------------------------------------------
+
+def sweep_axes(r: dict) -> tuple[str, float, str, float]:
+    """(x name, x, y name, y) of one sweep point: the paper's FID and CLIP score when measured, else the toy's
+    stand-ins, the pixel Frechet distance and the checker's mean attribute accuracy (text alignment)."""
+    x = ("FID", r["fid"]) if "fid" in r else ("Fréchet (8×8 pixels)", r.get("fd_pixels", float("nan")))
+    if "clip_score" in r:
+        y = ("CLIP score", r["clip_score"])
+    else:
+        acc = [r[k] for k in ("color", "background", "shape") if k in r]
+        y = ("mean attribute accuracy", sum(acc) / len(acc) if acc else float("nan"))
+    return x[0], x[1], y[0], y[1]
+
+
+def plot_sweep(rows: list[dict], path: str, title: str) -> None:
+    """The 5.2 figure's layout with pillow: quality (FID or its stand-in) on x, alignment (CLIP score or the
+    checker) on y, one labelled point per CFG scale, joined in order of scale."""
+    from PIL import Image, ImageDraw
+    pts = [sweep_axes(r) for r in rows]
+    xs, ys = [p[1] for p in pts], [p[3] for p in pts]
+    W, H, m = 640, 420, 60
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((m, 10), title, fill="black")
+    d.rectangle([m, m, W - m, H - m], outline="gray")
+    d.text((W // 2 - 60, H - m + 24), f"{pts[0][0]} (lower is better)", fill="black")
+    d.text((6, m - 24), f"{pts[0][2]}", fill="black")
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1e-6)
+    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-6)
+    for v, frac in ((x0, 0), (x1, 1)):
+        d.text((m + frac * (W - 2 * m) - 10, H - m + 6), f"{v:.3g}", fill="gray")
+    for v, frac in ((y0, 0), (y1, 1)):
+        d.text((8, H - m - frac * (H - 2 * m) - 6), f"{v:.3g}", fill="gray")
+    xy = [(m + 20 + (x - x0) / (x1 - x0) * (W - 2 * m - 40), H - m - 20 - (y - y0) / (y1 - y0) * (H - 2 * m - 40))
+          for x, y in zip(xs, ys)]
+    d.line(xy, fill="#1f77b4", width=2)
+    for (px, py), r in zip(xy, rows):
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill="#d62728")
+        d.text((px + 6, py - 14), f"cfg {r['guidance_scale']:g}", fill="black")
+    im.save(path)
+
+
+def guidance_sweep(args, scales: list[float]) -> list[dict]:
+    """5.2: the same prompts and seeds sampled at each CFG scale; writes guidance.json / .md / .png next to
+    the per-scale image folders (<out_dir or ckpt dir>/eval_<sampler>_cfg<s>/)."""
+    rows = [evaluate_cli(args, guidance=g) for g in scales]
+    out = args.out_dir or os.path.dirname(args.ckpt)
+    stem = os.path.join(out, f"guidance_{args.sampler}")
+    write_json(stem + ".json", {"ckpt": args.ckpt, "sampler": args.sampler, "rows": rows})
+    xn, _, yn, _ = sweep_axes(rows[0])
+    lines = [f"| cfg scale | {yn} | {xn} | colour | background | shape |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        _, x, _, y = sweep_axes(r)
+        lines.append(f"| {r['guidance_scale']:g} | {y:.3f} | {x:.2f} | " +
+                     " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("color", "background", "shape")) + " |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_sweep(rows, stem + ".png", f"{os.path.basename(args.ckpt)}, {args.sampler}: {yn} vs {xn} over CFG scales")
+    print("\n".join(lines) + f"\nwrote {stem}.md / .json / .png")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +460,14 @@ def main(argv=None):
     p.add_argument("--no_fid", action="store_true", help="with --ref_dir: only the pixel Frechet distance")
     p.add_argument("--clip_model", default="ViT-g-14", help="OpenCLIP model name (5.1: ViT-g/14)")
     p.add_argument("--clip_weights", help="local OpenCLIP weights file for the CLIP score")
+    p.add_argument("--guidance", help="5.2 sweep: comma-separated CFG scales (e.g. 1,2,3,5); one folder and one "
+                                      "point per scale, plus guidance_<sampler>.md/.json/.png")
+    p.add_argument("--overwrite", action="store_true", help="regenerate a folder that holds another run's images")
     args = p.parse_args(argv)
+    if args.batch < 1 or args.n < 0:
+        p.error(f"--batch {args.batch} / --n {args.n}: expected --batch >= 1 and --n >= 0 (0 = all prompts)")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed {args.seed}: expected 0 <= seed < 2^32")
     if args.paper_tables:
         t0 = time.time()
         text = paper_tables(args.run_dir, args.report_dir, litert=not args.no_litert)
@@ -357,8 +478,20 @@ def main(argv=None):
         p.error("give --ckpt (or --paper_tables)")
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+    if args.guidance:
+        return guidance_sweep(args, parse_scales(args.guidance))
     return evaluate_cli(args)
 
 
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: expected comma-separated numbers, e.g. 1,2,3,5") from None
+    if not scales or any(g < 0 for g in scales):
+        raise ValueError(f"--guidance {text!r}: expected one or more scales >= 0")
+    return scales
+
+
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

@@ -525,4 +525,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

@@ -12,8 +12,8 @@ What lives here, in the paper's order:
          - softmax -> relu attention, finetuned from a softmax model (attn_act; same weights load under both)
          - feed-forward expansion 3 instead of 4 (ff_mult)
   3.3  convolution optimisations: separable (ConvNeXt-like, 3x3 depthwise) blocks everywhere but the
-       outermost levels (conv_type per level), and pruned residual blocks (down_layers: 1 per level
-       except the innermost)
+       two outer levels (conv_type per level; Table 6, where 3.3's text says "the outermost level"), and
+       pruned residual blocks (down_layers: 1 per level except the innermost; Table 6's 11, the text's "12")
   3    the text encoder: CLIP-ViT/L14's text transformer and BPE tokenizer, written out (TextEncoder,
        TextEncoder.from_pretrained for real weights), and a byte-level tiny one (TEXT_PRESETS)
   3.4  the presets of Table 1 / Table 6 (PRESETS: "md", "md-lite", "sd" baseline, "tiny") and the cost
@@ -47,8 +47,17 @@ class UNetConfig:
     in_channels: int = 8             # 3.5: the VAE has c=8 latent channels (SD uses 4)
     context_dim: int = 768           # 3: CLIP-ViT/L14 text encoder, (B, 77, 768)
     # --- 3.1/Table 6 layout, one entry per resolution level (64x64, 32x32, 16x16 latent at 512px) ----
+    # Where the paper's text and its tables disagree, the tables win: they are what Table 1's 386M params and
+    # 182 GFLOPs count (within 1.5% by our count, `python md.py`), while the prose reads like an earlier draft.
+    #  - 3.2 says SA is dropped "at 32x32 ... and the outer 16x16 stack", keeping full blocks only "in the
+    #    inner 16x16 stack and the innermost bottleneck stack"; Table 6 has SA+CA in both 16x16 stacks
+    #    (Down-3 and Up-3) and no separate bottleneck. We follow Table 6: self_attn only at 16x16, both stacks.
+    #  - 3.3 says the residual blocks go "from 22 (in SD) to ... 12"; Table 6 counts 1+1+2+3+2+2 = 11 (conv_in
+    #    and the resampling convs are not residual blocks). We build Table 6's 11.
+    #  - 3.3 keeps full convs "except for the outermost level" (one level); Table 6 has FullConv at Down/Up-1
+    #    and Down/Up-2, i.e. the two outer levels. We follow Table 6: conv_type ("full", "full", "sep").
     channels: tuple = (320, 640, 1024)          # Table 1; 3.2 "1024 is the best channel dimension"
-    conv_type: tuple = ("full", "full", "sep")  # 3.3: separable conv except the outermost levels
+    conv_type: tuple = ("full", "full", "sep")  # 3.3 + Table 6: separable conv except the two outer levels
     down_layers: tuple = (1, 1, 2)              # 3.3 pruning: 1 block per level except innermost; up = down+1
     down_depth: tuple = (0, 1, 3)               # Table 6: transformer layers after each down conv block
     up_depth: tuple = (0, 1, 3)                 # Table 6: ... after each up conv block (md-lite: 2 at 16x16)
@@ -140,7 +149,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 class ResBlock(nn.Module):
     """'FullConv' of Table 6: SD's residual block, GN-SiLU-Conv3x3 (+time) GN-SiLU-Conv3x3, + skip.
-    Kept only at the two outermost levels, where channels are narrow (3.3)."""
+    Kept only at the two outer levels, where channels are narrow (Table 6; 3.3's text says one level)."""
 
     def __init__(self, c_in: int, c_out: int, c_time: int, cfg: UNetConfig):
         super().__init__()
@@ -800,11 +809,24 @@ def _parse_value(field: dataclasses.Field, text: str):
     return type(default)(text)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One --flag per dataclass field (default None = 'keep the preset's value')."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", shown=None, note: str = "",
+                     choices: dict | None = None, helps: dict | None = None) -> None:
+    """One --flag per dataclass field (default None = 'keep the preset's value'). `shown`: the config instance
+    whose values --help prints as the defaults (with `note`, e.g. "tiny preset"); `choices`: allowed values
+    per field (argparse refuses others); `helps`: help text per field where the value alone would mislead."""
+    choices, helps = choices or {}, helps or {}
     for f in dataclasses.fields(cls):
+        if f.name in helps:
+            text = helps[f.name]
+        elif shown is not None:
+            v = getattr(shown, f.name)
+            v = ",".join(str(x) for x in v) if isinstance(v, tuple) else repr(v) if v == "" else v
+            text = f"default: {v}{' (' + note + ')' if note else ''}"
+        else:
+            text = "default: the preset's"
         parser.add_argument(f"--{prefix}{f.name}", default=None, metavar=type(f.default).__name__.upper(),
-                            type=lambda s, f=f: _parse_value(f, s), help=f"{cls.__name__}.{f.name} (default: preset's)")
+                            choices=choices.get(f.name), type=lambda s, f=f: _parse_value(f, s),
+                            help=f"{cls.__name__}.{f.name}; {text}")
 
 
 def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
@@ -812,6 +834,21 @@ def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
     changes = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(base)
                if getattr(args, prefix + f.name, None) is not None}
     return dataclasses.replace(base, **changes)
+
+
+def run_cli(main) -> None:
+    """Every script's entry point: bad input (ValueError, FileNotFoundError) and a diverged run (FloatingPointError,
+    train.Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
+    traceback. main() itself still raises, for callers and tests."""
+    import sys
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):       # close open progress bars first, so that the
+            bar.close()                                          # error is the last line, not a redrawn bar
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def benchmark(cfg: UNetConfig, resolution: int, batch: int = 1, repeats: int = 5) -> dict:
@@ -863,4 +900,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

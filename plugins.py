@@ -251,8 +251,8 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
         net = tr.wrap(adapter, cfg, world, device)
     opt = tr.make_optimizer(params, cfg, cfg.lr)
     path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
-    if cfg.resume:
-        ck = tr.load_checkpoint(path)
+    ck = tr.stage_checkpoint(cfg, path, rank)
+    if ck is not None:
         if adapter is None:
             unet.load_state_dict(ck["state"], strict=False)                  # the LoRA factors only
         else:
@@ -293,7 +293,7 @@ def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) ->
                 loss = F.mse_loss(v.float(), S.v_target(sched, z0, t, eps))
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-        gnorm = tr.clip_and_step(params, opt, cfg)
+        gnorm = tr.clip_and_step(params, opt, cfg, step)
         log.step(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": gnorm},
                  write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
@@ -468,7 +468,7 @@ def report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: i
     return text
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="5.4 plugins (style LoRA, edge adapter, inpainting) on base and one-step models")
     p.add_argument("--report", action="store_true", help="measure every plugin on every model, write plugins.md/.png")
     p.add_argument("--base", default="out/tiny/diffusion.pt")
@@ -479,11 +479,16 @@ def main():
     p.add_argument("--adapter", default="out/tiny/adapter.pt")
     p.add_argument("--out_dir", default="out/tiny/plugins")
     p.add_argument("--n", type=int, default=128, help="held-out prompts")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not args.report:
         p.print_help()
         return
+    if args.n < 1:
+        p.error(f"--n {args.n}: expected >= 1")
     if args.onestep:
+        bad = [s for s in args.onestep if "=" not in s or not s.split("=", 1)[0] or not s.split("=", 1)[1]]
+        if bad:
+            p.error(f"--onestep {bad[0]!r}: expected NAME=CKPT, e.g. --onestep 'my run=out/x/ufogen.pt'")
         onestep = dict(s.split("=", 1) for s in args.onestep)
     else:
         onestep = {"1-step UFOGen (default run)": "out/tiny/ufogen.pt"}
@@ -491,10 +496,10 @@ def main():
                         for r in ("diffusion", "distill", "ema") if os.path.isfile(f"out/tiny/table5/{r}-full/ufogen.pt")})
     for path in [args.base, args.lora, args.adapter, *onestep.values()]:
         if not os.path.isfile(path):
-            raise SystemExit(f"{path}: missing; make it with: python train.py (base, ufogen), python train.py --stage lora, "
+            raise FileNotFoundError(f"{path}: missing; make it with: python train.py (base, ufogen), python train.py --stage lora, "
                              f"python train.py --stage adapter, python ufogen.py --table5")
     print(report(args.base, onestep, args.lora, args.adapter, args.out_dir, args.n))
 
 
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

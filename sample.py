@@ -23,6 +23,8 @@ import os
 
 import torch
 
+import md
+
 # ----------------------------------------------------------------------------------------------------
 # Noise schedule and parameterisation
 # ----------------------------------------------------------------------------------------------------
@@ -308,10 +310,15 @@ def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
     import numpy as np
     from PIL import Image
     if not os.path.isfile(path):
-        raise SystemExit(f"{flag} {path}: no such file")
-    with Image.open(path) as im:
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        im = Image.open(path)
+        im.load()
+    except OSError as e:                                          # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"{flag} {path}: not a readable image ({e})") from None
+    with im:
         if im.size != (size, size):
-            raise SystemExit(f"{flag} {path}: {im.width}x{im.height} pixels, expected {size}x{size} (the generated images' size; "
+            raise ValueError(f"{flag} {path}: {im.width}x{im.height} pixels, expected {size}x{size} (the generated images' size; "
                              f"set --resolution or resize the file)")
         arr = torch.from_numpy(np.asarray(im.convert("RGB" if kind == "rgb" else "L"), dtype="float32").copy())
     if kind == "rgb":
@@ -319,7 +326,30 @@ def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
     return (arr > 127).float()[None, None]
 
 
-def main():
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse bad values before loading anything or sampling (argparse's one-line error, exit status 2)."""
+    if args.n < 1:
+        p.error(f"--n {args.n}: expected >= 1 image per prompt")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: expected >= 1")
+    if args.guidance is not None and args.guidance < 0:
+        p.error(f"--guidance {args.guidance}: expected >= 0")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed {args.seed}: expected 0 <= seed < 2^32")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        p.error(f"--resolution {args.resolution}: expected a positive multiple of 8")
+    if not 0 < args.strength <= 1:
+        p.error(f"--strength {args.strength}: expected 0 < strength <= 1")
+    from PIL import Image
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in Image.registered_extensions():                  # checked now, not after minutes of sampling
+        p.error(f"--out {args.out}: unknown image extension {ext or '(none)'!r}; use .png or .jpg")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        p.error(f"--out {args.out}: folder {folder} does not exist or is not writable")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes a PNG grid")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
@@ -344,7 +374,8 @@ def main():
     g.add_argument("--strength", type=float, default=1.0, help="with --init: start at t = strength * T (1 = from noise)")
     g.add_argument("--no_paste", action="store_true", help="inpainting: keep the decoder's pixels outside the mask too")
     p.add_argument("--out", default="samples.png")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_args(p, args)
     from data import image_grid
     import plugins
     pipe = Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
@@ -357,20 +388,20 @@ def main():
     kw = {}
     if args.adapter:
         if bool(args.cond) == bool(args.edges_from):
-            raise SystemExit("--adapter needs exactly one of --cond (an edge map) or --edges_from (an image)")
+            raise ValueError("--adapter needs exactly one of --cond (an edge map) or --edges_from (an image)")
         pipe.load_adapter(args.adapter)
         kw["cond"] = (read_image(args.cond, "--cond", size, "gray") if args.cond else
                       plugins.edges(read_image(args.edges_from, "--edges_from", size, "rgb"), pipe.adapter.edge_threshold))
         kw["adapter_scale"] = args.adapter_scale
     elif args.cond or args.edges_from:
-        raise SystemExit("--cond / --edges_from need --adapter")
+        raise ValueError("--cond / --edges_from need --adapter")
     if args.init:
         kw["init"] = read_image(args.init, "--init", size, "rgb")
         kw["strength"] = args.strength
         if args.mask:
             kw["mask"] = read_image(args.mask, "--mask", size, "gray")
     elif args.mask:
-        raise SystemExit("--mask needs --init (the image to inpaint)")
+        raise ValueError("--mask needs --init (the image to inpaint)")
     prompts = [q for q in args.prompt for _ in range(args.n)]
     imgs = pipe.images(prompts, steps=steps, guidance_scale=guidance, seed=args.seed, height=size,
                        negative_prompt=args.negative_prompt, sampler=sampler, eta=args.eta, paste=not args.no_paste, **kw)
@@ -382,4 +413,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

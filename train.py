@@ -32,7 +32,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: str = "auto"              # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16
     compile: bool = False            # torch.compile the trained network
     resume: bool = False             # continue this stage from out_dir/<stage>.pt
+    overwrite: bool = False          # train a stage from scratch although out_dir/<stage>.pt exists (replaces it)
     init_from: str = ""              # weights to start from: decoder <- a vae.pt; diffusion <- a diffusion.pt
                                      # (5.1's 256 -> 512px schedule; 3.2's softmax -> relu finetune)
     vae_ckpt: str = ""               # diffusion: our vae.pt / decoder.pt (default: out_dir/decoder.pt, else vae.pt)
@@ -198,13 +199,46 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps: int) -> float:
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Diverged(FloatingPointError):
+    """A non-finite loss, gradient norm or weight. The stage stops before the update or the write that would
+    carry it, so the last checkpoint on disk stays the last good one; entry points exit with status 2."""
+
+
+def diverged(stage: str, out_dir: str, what: str, value, step: int) -> Diverged:
+    path = os.path.join(out_dir, f"{stage}.pt")
+    kept = (f"the last good checkpoint {path} is kept as it was" if os.path.isfile(path) else
+            "no checkpoint of this stage was written")
+    return Diverged(f"{stage}: non-finite {what} ({value}) at step {step}; stopped before using it, {kept}. "
+                    f"Lower --lr, or check the data")
+
+
+def non_finite(obj, key: str = "") -> str | None:
+    """The key of the first floating-point tensor in a (nested) payload holding NaN or inf, else None."""
+    if torch.is_tensor(obj):
+        return key if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = non_finite(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Atomic: write to a temporary file, then rename over the old one, so a crash mid-write never leaves
-    a half-written checkpoint in place of the last good one."""
+    """Atomic: write to a temporary file of this process, then rename over the old one, so a crash mid-write
+    (or a second run writing the same path) never leaves a half-written checkpoint in place of the last good
+    one. Refuses a payload with non-finite weights: the old file is kept."""
+    bad = non_finite(payload)
+    if bad is not None:
+        raise Diverged(f"{path}: not written, {bad} holds NaN/inf values; the previous file (if any) is kept")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -236,6 +270,34 @@ def refuse_if_mismatch(path: str, what: str, saved: dict, current, ignore: tuple
                          f"{len(diff)} field(s): " + "; ".join(diff))
 
 
+# TrainConfig fields a --resume may change: how long to train (steps; the cosine schedule stretches with it),
+# how often to log / sample / save / evaluate, and where and how fast it runs. Any other difference (seed,
+# batch size, lr, resolution, data, ...) would silently make the checkpoint a mix of two runs: refused.
+RESUMABLE = ("steps", "resume", "overwrite", "log_every", "sample_every", "ckpt_every", "eval_images", "eval_steps",
+             "guidance", "num_workers", "device", "compile", "dtype", "init_from", "out_dir")
+
+
+def stage_checkpoint(cfg: TrainConfig, path: str, rank: int = 0) -> dict | None:
+    """What a stage starts from: with --resume, its checkpoint (refused if its training config differs from this
+    run's in a field outside RESUMABLE; a stage not begun yet starts fresh, so `--stage all --resume` goes on
+    after any stage). Without --resume, None, refusing to replace an existing checkpoint unless --overwrite."""
+    if not cfg.resume:
+        if os.path.isfile(path) and not cfg.overwrite:
+            raise ValueError(f"{path} exists: give --resume to continue it, or --overwrite to train {cfg.stage} again "
+                             f"from scratch (replacing it; the stages trained from it would no longer match)")
+        return None
+    if not os.path.isfile(path):
+        if rank == 0:
+            print(f"{cfg.stage}: --resume, but no {path} yet: starting this stage from step 0")
+        return None
+    ck = load_checkpoint(path)
+    saved = ck.get("config", {}).get("train", ck.get("train"))
+    if saved is None:
+        raise ValueError(f"{path}: no training config saved in it; cannot check that --resume continues the same run")
+    refuse_if_mismatch(path, "training", saved, cfg, ignore=RESUMABLE)
+    return ck
+
+
 class Log:
     """metrics.jsonl (one JSON object per logged step) + a tqdm bar; rank 0 only."""
 
@@ -245,11 +307,14 @@ class Log:
         self.bar = tqdm(total=steps, initial=start, desc=stage, disable=rank != 0, dynamic_ncols=True)
 
     def step(self, step: int, metrics: dict, write: bool):
+        for k, v in metrics.items():                           # every step, logged or not: stop at the first NaN
+            if isinstance(v, float) and not math.isfinite(v):
+                raise diverged(self.stage, os.path.dirname(self.path), k, v, step)
         self.bar.update(1)
         if self.rank == 0 and write:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
             with open(self.path, "a") as f:
-                f.write(json.dumps({"stage": self.stage, "step": step, **metrics}) + "\n")
+                f.write(json.dumps({"stage": self.stage, "step": step, **metrics}, allow_nan=False) + "\n")
 
     def close(self):
         self.bar.close()
@@ -296,8 +361,12 @@ def make_optimizer(params, cfg: TrainConfig, lr: float, betas=None):
     return torch.optim.AdamW(params, lr=lr, betas=betas or (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-def clip_and_step(params, opt, cfg: TrainConfig) -> float:
+def clip_and_step(params, opt, cfg: TrainConfig, step: int) -> float:
+    """Clip the global gradient norm and step; a non-finite norm (a NaN or inf loss, or an overflow) stops the
+    stage before the update reaches the weights (Diverged)."""
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not math.isfinite(float(norm)):
+        raise diverged(cfg.stage, cfg.out_dir, "gradient norm", float(norm), step + 1)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
@@ -322,9 +391,11 @@ def make_perceptual(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, device
     return None
 
 
-def resume_vae_gan(ckpt_path: str, vcfg: vae_lib.VAEConfig, model, disc, opt, opt_d) -> int:
+def resume_vae_gan(cfg: TrainConfig, ckpt_path: str, vcfg: vae_lib.VAEConfig, model, disc, opt, opt_d, rank: int) -> int:
     """Restore a vae/decoder stage (VAE, discriminator, both optimisers, RNG); returns the step to go on from."""
-    ck = load_checkpoint(ckpt_path)
+    ck = stage_checkpoint(cfg, ckpt_path, rank)
+    if ck is None:
+        return 0
     refuse_if_mismatch(ckpt_path, "VAE", ck["config"]["vae"], vcfg, ignore=("scaling_factor",))  # re-estimated
     model.load_state_dict(ck["model"], source=ckpt_path)
     disc.load_state_dict(ck["disc"])
@@ -348,7 +419,7 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
     # LDM trains its autoencoders with Adam(0.5, 0.9): a low beta1 keeps the GAN game from oscillating.
     opt = make_optimizer(model.parameters(), cfg, base_lr, betas=(0.5, 0.9))
     opt_d = make_optimizer(disc.parameters(), cfg, base_lr, betas=(0.5, 0.9))
-    start = resume_vae_gan(ckpt_path, vcfg, model, disc, opt, opt_d) if cfg.resume else 0
+    start = resume_vae_gan(cfg, ckpt_path, vcfg, model, disc, opt, opt_d, rank)
     perceptual = make_perceptual(cfg, vcfg, rank, device)
     net, dnet = wrap(model, cfg, world, device), wrap(disc, cfg, world, device)
     dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
@@ -383,9 +454,9 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
                 (d_loss / cfg.grad_accum).backward()
                 m["d_loss"] = float(d_loss)
         m.update(loss=float(loss.detach()), l2=float(vae_lib.l2_loss(recon.detach(), x)), kl=float(kl.detach()), lr=lr)
-        clip_and_step(model.parameters(), opt, cfg)
+        clip_and_step(model.parameters(), opt, cfg, step)
         if use_disc:
-            clip_and_step(disc.parameters(), opt_d, cfg)
+            clip_and_step(disc.parameters(), opt_d, cfg, step)
         log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == steps)
         done = step + 1 == steps
         if rank == 0 and done:
@@ -455,7 +526,7 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
     disc = vae_lib.PatchDiscriminator(light_cfg).to(device)
     opt = make_optimizer(trainable, cfg, base_lr, betas=(0.5, 0.9))
     opt_d = make_optimizer(disc.parameters(), cfg, base_lr, betas=(0.5, 0.9))
-    start = resume_vae_gan(ckpt_path, light_cfg, model, disc, opt, opt_d) if cfg.resume else 0
+    start = resume_vae_gan(cfg, ckpt_path, light_cfg, model, disc, opt, opt_d, rank)
     perceptual = make_perceptual(cfg, light_cfg, rank, device)
     dec = wrap(model.decoder, cfg, world, device)
     dnet = wrap(disc, cfg, world, device)
@@ -491,9 +562,9 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
                 (d_loss / cfg.grad_accum).backward()
                 m["d_loss"] = float(d_loss)
         m.update(loss=float(loss.detach()), l2=float(vae_lib.l2_loss(light.detach(), x)), lr=lr)
-        clip_and_step(trainable, opt, cfg)
+        clip_and_step(trainable, opt, cfg, step)
         if use_disc:
-            clip_and_step(disc.parameters(), opt_d, cfg)
+            clip_and_step(disc.parameters(), opt_d, cfg, step)
         log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == steps)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
             save_checkpoint(ckpt_path, {"stage": "decoder", "step": step + 1, "model": model.state_dict(),
@@ -590,9 +661,8 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, base_lr)
-    start = 0
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
+    start, ck = 0, stage_checkpoint(cfg, ckpt_path, rank)
+    if ck is not None:
         refuse_if_mismatch(ckpt_path, "UNet", ck["config"]["unet"], unet_cfg)
         refuse_if_mismatch(ckpt_path, "text encoder", ck["config"]["text"], text.cfg)
         load_denoiser_state(model, ck["model"], ckpt_path)
@@ -641,7 +711,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             lt = torch.tensor([loss_sum], device=device)
             dist.all_reduce(lt)
             loss_sum = float(lt) / world
-        gnorm = clip_and_step(params, opt, cfg)
+        gnorm = clip_and_step(params, opt, cfg, step)
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))   # EMA warm-up for short runs
         seen += cfg.batch_size
         m = {"loss": loss_sum, "lr": lr, "grad_norm": gnorm, "img_per_s": seen / (time.time() - t0)}
@@ -761,8 +831,8 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
     opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr * ucfg.d_lr_mult, betas=(0.0, cfg.beta2))   # UFOGen: D beta1 0
     ckpt_path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
-    if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
+    ck = stage_checkpoint(cfg, ckpt_path, rank)
+    if ck is not None:
         refuse_if_mismatch(ckpt_path, "UFOGen", ck["config"]["ufogen"], ucfg)
         gen.load_state_dict(ck["g_raw"])
         gen_ema.load_state_dict(ck["g_ema_raw"])
@@ -783,6 +853,7 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
     for step in range(start, cfg.steps):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         t_all = U.sample_t(ucfg, cfg.batch_size, g)                                  # t in [1, T)
+        d_step = step % ucfg.d_every == 0
         m = {}
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
@@ -793,26 +864,34 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
             t_prev = (t - ucfg.gap).clamp(min=0)                                      # t' = t - gap
             e_t, e_real, e_fake = (torch.randn(z0.shape, generator=g).to(device) for _ in range(3))
             x_t = S.q_sample(sched, z0, t, e_t)
+            # D's time input: Eq. 1 prints D(x_{t-1}, t); UFOGen's code (our default) gives D the time t' of the
+            # sample it judges, so D sees the same (x, time) pairs a diffusion model was trained on (d_time).
+            t_d = t_prev if ucfg.d_time == "t_prev" else t
             with autocast(cfg, device):
                 x0_pred = S.x0_from_v(sched, x_t, t, g_net(x_t, t, ctx))              # x0' = G(x_t, t)
                 real = S.q_sample(sched, z0, t_prev, e_real)                         # x_{t-1} ~ q(.|x0)
                 fake = S.q_sample(sched, x0_pred, t_prev, e_fake)                    # x'_{t-1} ~ q(.|x0'), with grad
-                # D step: real vs detached fake.
+                # D step: real vs detached fake. UFOGen's code steps D on every other iteration only
+                # (d_every = 2) and draws fresh t and noise for it; we reuse G's forward, same distribution.
                 disc.requires_grad_(True)
-                loss_d = U.d_loss(d_net(real, t_prev, ctx), d_net(fake.detach(), t_prev, ctx), ucfg.logit_clamp)
-            (loss_d / cfg.grad_accum).backward()
+                loss_d = U.d_loss(d_net(real, t_d, ctx), d_net(fake.detach(), t_d, ctx), ucfg.logit_clamp) if d_step else None
+            if d_step:
+                (loss_d / cfg.grad_accum).backward()
             with autocast(cfg, device):
-                # G step: adversarial through a frozen D, plus lambda * gamma_t * reconstruction.
+                # G step: adversarial through a frozen D, plus lambda * (gamma_t) * reconstruction.
                 disc.requires_grad_(False)
-                loss_adv = U.g_adv_loss(d_net(fake, t_prev, ctx), ucfg.logit_clamp)
+                loss_adv = U.g_adv_loss(d_net(fake, t_d, ctx), ucfg.logit_clamp)
                 target = U.recon_target(ucfg, z0, x_t, t, ctx, sched, teacher, gen_ema, uncond)
-                loss_rec = U.recon_loss(x0_pred.float(), target, t, sched)
+                loss_rec = U.recon_loss(x0_pred.float(), target, t, sched, weighted=U.recon_weighted(ucfg))
                 loss_g = loss_adv + ucfg.lam * loss_rec
             (loss_g / cfg.grad_accum).backward()
-            m = {"d_loss": float(loss_d.detach()), "g_adv": float(loss_adv.detach()), "recon": float(loss_rec.detach())}
+            m = {"g_adv": float(loss_adv.detach()), "recon": float(loss_rec.detach())}
+            if d_step:
+                m["d_loss"] = float(loss_d.detach())
         disc.requires_grad_(True)
-        clip_and_step(disc.parameters(), opt_d, cfg)
-        clip_and_step(g_params, opt_g, cfg)
+        if d_step:                                        # (G's backward left no grads in D: it was frozen)
+            clip_and_step(disc.parameters(), opt_d, cfg, step)
+        clip_and_step(g_params, opt_g, cfg, step)
         ema_update(gen_ema, gen, ucfg.g_ema_decay)
         log.step(step + 1, m, write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
@@ -834,31 +913,114 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
 # Entry point
 # ----------------------------------------------------------------------------------------------------
 
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+CHOICES = {"stage": STAGES + ("all",), "dtype": DTYPES, "lr_schedule": ("cosine", "constant"),
+           "style": ("", "plain", "outlined", "mixed")}
+
+
+def validate(cfg: TrainConfig, given: argparse.Namespace) -> None:
+    """Ranges argparse cannot express, each error naming the flag, the value and what is allowed. `given`: the
+    parsed flags (None = not given), so an explicit --steps 0 is refused rather than read as 'stage default'."""
+    for name in ("steps", "batch_size", "lr"):
+        v = getattr(given, name, None)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name} {v}: expected > 0 (leave it out for the stage's default)")
+    if cfg.preset not in md.PRESETS:
+        raise ValueError(f"--preset {cfg.preset!r}: expected one of {', '.join(sorted(md.PRESETS))}")
+    if cfg.resolution <= 0 or cfg.resolution % 8:
+        raise ValueError(f"--resolution {cfg.resolution}: expected a positive multiple of 8 (the VAE's f = 8)")
+    at_least = {"grad_accum": 1, "log_every": 1, "ckpt_every": 1, "eval_images": 1, "eval_steps": 1, "sample_every": 0,
+                "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "guidance": 0}
+    for name, lo in at_least.items():
+        if getattr(cfg, name) < lo:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: expected >= {lo}")
+    for name in ("beta1", "beta2", "min_lr_frac", "p_uncond", "ema_decay"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: expected a value in [0, 1]")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < 2^32")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the checkpoint, or replace it")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    md.add_config_flags(p, TrainConfig)
-    md.add_config_flags(p, md.UNetConfig)
-    md.add_config_flags(p, vae_lib.VAEConfig, prefix="vae_")
-    md.add_config_flags(p, ufogen.UFOGenConfig)
-    md.add_config_flags(p, md.TextConfig, prefix="text_")
-    md.add_config_flags(p, plugins.PluginConfig, prefix="plugin_")
+    helps = {k: "default: the stage's (" + ", ".join(f"{st} {v[i]:g}" for st, v in STAGE_DEFAULTS.items()) + ")"
+             for i, k in enumerate(("steps", "lr", "batch_size"))}        # (steps, lr, batch) per stage
+    helps["style"] = "default: the stage's (" + ", ".join(f"{k}: {v}" for k, v in STAGE_STYLE.items()) + "; else plain)"
+    md.add_config_flags(p, TrainConfig, shown=TrainConfig(), choices=CHOICES, helps=helps)
+    md.add_config_flags(p, md.UNetConfig, shown=md.PRESETS["tiny"], note="tiny preset")
+    md.add_config_flags(p, vae_lib.VAEConfig, prefix="vae_", shown=vae_lib.PRESETS["tiny"], note="tiny preset")
+    md.add_config_flags(p, ufogen.UFOGenConfig, shown=ufogen.PRESETS["tiny"], note="tiny preset")
+    md.add_config_flags(p, md.TextConfig, prefix="text_", shown=md.TEXT_PRESETS["tiny"], note="tiny encoder")
+    md.add_config_flags(p, plugins.PluginConfig, prefix="plugin_", shown=plugins.PluginConfig())
     args = p.parse_args(argv)
     cfg = md.config_from_args(TrainConfig(), args)
-    if cfg.stage not in STAGES + ("all",):
-        p.error(f"--stage {cfg.stage!r}: expected one of {', '.join(STAGES)} or all")
-    if cfg.preset not in md.PRESETS:
-        p.error(f"--preset {cfg.preset!r}: expected one of {sorted(md.PRESETS)}")
+    try:
+        validate(cfg, args)
+    except ValueError as e:
+        p.error(str(e))
     return cfg, args
+
+
+@contextmanager
+def out_dir_lock(out_dir: str, rank: int):
+    """One run per out_dir: two runs would interleave metrics.jsonl and overwrite each other's checkpoints.
+    Rank 0 holds out_dir/run.lock (host and pid) for the run's duration; a lock left by a dead process of this
+    host is taken over, any other is refused with its owner named."""
+    import socket
+    if rank != 0:
+        yield
+        return
+    path, me = os.path.join(out_dir, "run.lock"), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in (0, 1):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = open(path).read().strip()
+            host, _, pid = owner.partition(" ")
+            if attempt == 0 and host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                os.remove(path)                                   # stale: its run died without cleaning up
+                continue
+            raise ValueError(f"{out_dir} is in use by another run (host {host}, pid {pid}; lock file {path}): wait for "
+                             f"it, give another --out_dir, or delete {path} if that run is gone") from None
+    os.write(fd, me.encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv=None):
     cfg, args = parse_args(argv)
     rank, world, device = setup(stage_config(cfg, "vae" if cfg.stage == "all" else cfg.stage))
     os.makedirs(cfg.out_dir, exist_ok=True)
+    with out_dir_lock(cfg.out_dir, rank):
+        run_stages(cfg, args, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_stages(cfg: TrainConfig, args, rank: int, world: int, device: str) -> None:
     vae_cfg, light_cfg = vae_configs(cfg, args)
     unet_cfg = md.config_from_args(md.PRESETS[cfg.preset], args)
     if rank == 0:
         print(f"stage {cfg.stage}, preset {cfg.preset}, {world} process(es) on {device}, out_dir {cfg.out_dir}")
+    if not cfg.resume:                                          # refuse before any work, not at the third stage
+        for st in ("vae", "decoder", "diffusion", "ufogen") if cfg.stage == "all" else (cfg.stage,):
+            stage_checkpoint(dataclasses.replace(cfg, stage=st), os.path.join(cfg.out_dir, f"{st}.pt"))
     if cfg.stage in ("vae", "all"):
         train_vae(stage_config(cfg, "vae"), vae_cfg, rank, world, device)
     if cfg.stage in ("decoder", "all"):
@@ -875,9 +1037,7 @@ def main(argv=None):
     if cfg.stage in ("lora", "adapter"):                        # 5.4 plugins, on the frozen base
         pcfg = md.config_from_args(plugins.PluginConfig(), args, "plugin_")
         plugins.train_plugin(stage_config(cfg, cfg.stage), pcfg, rank, world, device)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

@@ -10,6 +10,7 @@ and LoRA) and the abstract's 8-step distillation.
          "diffusion"  Eq. 1: lambda gamma_t ||x0 - x0'||^2
          "distill"    Eq. 2: ||sg(G_teacher(x_t, t)) - x0'||^2, a frozen copy of the base model
          "ema"        Eq. 3: ||sg(G_EMA(x_t, t)) - x0'||^2, an EMA of G (decay 1 = "distill")
+       only Eq. 1 carries gamma_t, as printed (recon_gamma); lambda weighs whichever term is chosen.
   4.3  LoRA on G only, null-initialised, D fully trained (add_lora, merge_lora, lora_state_dict)
   abstract  "distillation ... to achieve 8-step ... inference": guided DDIM-50 teacher -> 8-step student
        (distill_target; its stage loop, train_distill, run by train.py --stage distill), one stage of TRACT-style transitive distillation (Berthelot et al. 2023) with
@@ -19,7 +20,9 @@ Choices the paper leaves open, taken from UFOGen's public code (xuyanwu/SIDDMs-U
 unless said otherwise: t uniform in [1, T), t' = max(t - gap, 0); real and fake x_{t'} both built with
 q_sample; non-saturating BCE with the logits clamped (real <= 0.5, fake >= -0.5 for D; fake <= 0.5 for G),
 so neither player is pushed further once it wins by a margin; Adam lr 1e-4 for both, D with beta1 = 0;
-gradient clip 1.0; EMA of G for sampling.
+gradient clip 1.0; EMA of G for sampling. Two places where that code and Eq. 1 as printed differ are switches:
+D's time input (d_time: t' as in the code, or t as printed) and how often D steps (d_every: 1 = every step,
+ours; 2 = every other step, the code's).
 
 Run it:
   python train.py --stage ufogen --init_from out/tiny/diffusion.pt            # one-step model
@@ -60,6 +63,13 @@ class UFOGenConfig:
                                      # guidance into G, as for the 8-step student, Meng et al. [38])
     t_power: float = 1.0             # t = T u^(1/t_power), u ~ U(0,1): 1 = uniform (UFOGen); > 1 favours the large t
                                      # that one-step sampling starts from
+    recon_gamma: str = "diffusion"   # which reconstruction terms are weighted by gamma_t: "diffusion" (as printed:
+                                     # Eq. 1 has lambda gamma_t, Eq. 2/3 have no weight) | "all" (Eq. 2/3 too, up to
+                                     # gamma ~ 566 at t = 1; this project's earlier runs) | "none"
+    d_time: str = "t_prev"           # the time D is conditioned on: "t_prev" = D(x_{t'}, t') (UFOGen's code; D judges a
+                                     # sample at the noise level it was made at) | "t" = D(x_{t'}, t), Eq. 1 as printed
+    d_every: int = 1                 # update D every d_every steps: 1 = D and G every step, sharing one G forward;
+                                     # 2 = UFOGen's code (D on even steps only, G on every step)
     target_steps: int = 8            # distill stage: the student's number of steps (abstract: 8)
     teacher_steps: int = 50          # distill stage: the guided DDIM teacher's steps (5.2: 50)
 
@@ -88,6 +98,12 @@ def validate(cfg: UFOGenConfig) -> None:
         raise ValueError(f"UFOGenConfig.t_power = {cfg.t_power}, expected > 0")
     if not 0 <= cfg.gap < S.T:
         raise ValueError(f"UFOGenConfig.gap = {cfg.gap}, expected 0 .. {S.T - 1}")
+    if cfg.recon_gamma not in ("diffusion", "all", "none"):
+        raise ValueError(f"UFOGenConfig.recon_gamma = {cfg.recon_gamma!r}, expected 'diffusion', 'all' or 'none'")
+    if cfg.d_time not in ("t_prev", "t"):
+        raise ValueError(f"UFOGenConfig.d_time = {cfg.d_time!r}, expected 't_prev' or 't'")
+    if cfg.d_every < 1:
+        raise ValueError(f"UFOGenConfig.d_every = {cfg.d_every}, expected >= 1")
     if cfg.target_steps < 1 or cfg.teacher_steps < cfg.target_steps:
         raise ValueError(f"UFOGenConfig.target_steps = {cfg.target_steps} must be >= 1 and <= teacher_steps = {cfg.teacher_steps}")
 
@@ -163,8 +179,17 @@ def sample_t(cfg: UFOGenConfig, n: int, generator: torch.Generator) -> torch.Ten
     return (1 + u * (S.T - 1)).long().clamp(max=S.T - 1)
 
 
-def recon_loss(x0_pred, target, t, sched):
-    return (gamma(sched, t, x0_pred) * (target - x0_pred).square()).mean()
+def recon_loss(x0_pred, target, t, sched, weighted: bool = True):
+    """||target - x0'||^2 per element, averaged; times gamma_t if `weighted` (Eq. 1). Eq. 2 and Eq. 3 print no
+    gamma_t: a model target is already smooth at small t, and weighting it by 1 / sigma_t^2 (~566 at t = 1 here)
+    would make the few small-t draws dominate the term (UFOGenConfig.recon_gamma picks)."""
+    sq = (target - x0_pred).square()
+    return (gamma(sched, t, x0_pred) * sq).mean() if weighted else sq.mean()
+
+
+def recon_weighted(cfg: UFOGenConfig) -> bool:
+    """Whether this run's reconstruction term carries gamma_t (UFOGenConfig.recon_gamma)."""
+    return cfg.recon_gamma == "all" or (cfg.recon_gamma == "diffusion" and cfg.recon == "diffusion")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,8 +316,9 @@ def train_distill(cfg, ucfg: UFOGenConfig, rank: int, world: int, device: str) -
     sub = max(ucfg.teacher_steps // ucfg.target_steps, 1)
     opt = tr.make_optimizer(student.parameters(), cfg, cfg.lr)
     ckpt_path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
-    if cfg.resume:
-        ck = tr.load_checkpoint(ckpt_path)
+    ck = tr.stage_checkpoint(cfg, ckpt_path, rank)
+    if ck is not None:
+        tr.refuse_if_mismatch(ckpt_path, "UFOGen", ck["config"]["ufogen"], ucfg)
         student.load_state_dict(ck["g_raw"])
         student_ema.load_state_dict(ck["g_ema_raw"])
         opt.load_state_dict(ck["opt_g"])
@@ -319,9 +345,11 @@ def train_distill(cfg, ucfg: UFOGenConfig, rank: int, world: int, device: str) -
                                     sched, sub)
             with tr.autocast(cfg, device):
                 x0_pred = S.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
-                loss = recon_loss(x0_pred.float(), target, tb, sched)
+                # gamma_t-weighted: the x0 error times 1 / sigma_t^2 is the student's own v-loss, the weighting
+                # progressive distillation uses ("SNR+1", Salimans & Ho 2022); not one of Eq. 2/3.
+                loss = recon_loss(x0_pred.float(), target, tb, sched, weighted=True)
             (loss / cfg.grad_accum).backward()
-        tr.clip_and_step(list(student.parameters()), opt, cfg)
+        tr.clip_and_step(list(student.parameters()), opt, cfg, step)
         tr.ema_update(student_ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
         log.step(step + 1, {"loss": float(loss.detach()), "t": float(t), "lr": lr},
                  write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
@@ -359,7 +387,7 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
             out = os.path.join(out_dir, name)
             train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--recon", recon,
                         "--lora_rank", str(rank), "--steps", str(steps), "--eval_images", str(eval_images),
-                        "--sample_every", "0"])
+                        "--sample_every", "0", "--overwrite", "true"])     # a fresh measurement each time
             results[name] = json.load(open(os.path.join(out, "eval.json")))["onestep"]
     lines = [f"{'reconstruction loss':<22}{'No LoRA':>28}{'LoRA':>28}",
              f"{'':<22}{'col/bg/shape   FD':>28}{'col/bg/shape   FD':>28}"]
@@ -376,19 +404,23 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
     return text
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="UFOGen ablations (Table 5) on the tiny setup")
     p.add_argument("--table5", action="store_true", help="run 3 reconstruction losses x {full, LoRA}")
     p.add_argument("--base", default="out/tiny/diffusion.pt", help="the pretrained diffusion checkpoint")
     p.add_argument("--out_dir", default="out/tiny/table5")
     p.add_argument("--steps", type=int, default=300, help="UFOGen steps per variant")
     p.add_argument("--eval_images", type=int, default=128)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not args.table5:
         p.print_help()
         return
+    if args.steps < 1 or args.eval_images < 1:
+        p.error(f"--steps {args.steps} / --eval_images {args.eval_images}: expected >= 1")
+    if not os.path.isfile(args.base):
+        raise FileNotFoundError(f"--base {args.base}: no such file (train it first: python train.py)")
     print(table5(args.base, args.out_dir, args.steps, args.eval_images))
 
 
 if __name__ == "__main__":
-    main()
+    md.run_cli(main)

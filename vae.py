@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from md import Upsample                                            # nearest 2x + 3x3 conv: the same in SD's VAE
+from md import Upsample, run_cli                                          # nearest 2x + 3x3 conv: the same in SD's VAE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,13 +468,19 @@ def decoder_cost(cfg: VAEConfig, resolution: int = 512, repeats: int = 5, time_i
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="VAE cost per preset: params, decoder GMACs and CPU latency (Table 4 proxy)")
     p.add_argument("--presets", default="sd,md,md-light", help="comma-separated presets")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5, help="timed decoder runs (median reported), after a warm-up")
-    args = p.parse_args()
-    names = args.presets.split(",")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        p.error(f"--presets {args.presets!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                f"expected names from {', '.join(sorted(PRESETS))}")
+    if args.resolution <= 0 or args.resolution % 8 or args.repeats < 1:
+        p.error(f"--resolution {args.resolution} / --repeats {args.repeats}: expected a positive multiple of 8 / >= 1")
     print(f"{'preset':<10}{'c':>3}{'enc(M)':>9}{'dec(M)':>9}{'dec GMACs':>11}{'dec CPU ms':>12}   ({args.resolution}px, "
           f"{torch.get_num_threads()} threads, median of {args.repeats})")
     rows = {n: decoder_cost(PRESETS[n], args.resolution, args.repeats) for n in names}
@@ -488,4 +494,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

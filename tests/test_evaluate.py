@@ -10,6 +10,8 @@ import torch
 
 import data
 import evaluate as ev
+import sample as S
+import train
 
 
 def exact_gaussian_sample(n, mean, cov, seed):
@@ -110,3 +112,43 @@ def test_paper_tables_on_an_empty_run_says_what_was_not_run(tmp_path):
     assert "| torch |" in text and "quoted, paper Table 4" in text
     assert json.load(open(tmp_path / "report" / "table4.json"))["torch"]["steps"] == 1
     assert (tmp_path / "report" / "report.md").read_text().strip() == text.strip()
+
+
+def test_guidance_sweep_one_point_per_scale(tiny_base, tmp_path):
+    """5.2's curve: every scale sampled on the same prompts and seeds; scale 1 is plain conditional sampling and
+    another scale gives other images; the table, JSON and plot are written."""
+    ckpt = str(tiny_base / "diffusion.pt")
+    rows = ev.main(["--ckpt", ckpt, "--guidance", "1,4", "--n", "4", "--batch", "4", "--out_dir", str(tmp_path)])
+    assert [r["guidance_scale"] for r in rows] == [1.0, 4.0]
+    assert all({"color", "background", "shape", "fd_pixels"} <= set(r) for r in rows)
+    pipe = S.Pipeline.from_checkpoint(ckpt)
+    prompts = ev.heldout_prompts(train.TrainConfig(), 4)
+    want = pipe.images(prompts, seed=0, steps=50, guidance_scale=1.0, sampler="ddim")
+    got = ev.load_folder(sorted(str(p) for p in (tmp_path / "eval_ddim50_cfg1").glob("*.png"))).float() / 127.5 - 1
+    assert (got - want.clamp(-1, 1)).abs().max() < 2 / 255 + 1e-6                   # PNG rounding only
+    other = ev.load_folder(sorted(str(p) for p in (tmp_path / "eval_ddim50_cfg4").glob("*.png")))
+    assert not torch.equal(other, ev.load_folder(sorted(str(p) for p in (tmp_path / "eval_ddim50_cfg1").glob("*.png"))))
+    saved = json.load(open(tmp_path / "guidance_ddim50.json"))
+    assert [r["guidance_scale"] for r in saved["rows"]] == [1.0, 4.0]
+    assert (tmp_path / "guidance_ddim50.md").read_text().count("\n") == 4 and (tmp_path / "guidance_ddim50.png").is_file()
+    with pytest.raises(ValueError, match="--guidance 'a,b'"):
+        ev.main(["--ckpt", ckpt, "--guidance", "a,b"])
+
+
+def test_generation_folder_of_another_run_is_refused_or_regenerated(tiny_base, tmp_path):
+    """An image folder remembers its run (checkpoint hash, seed, sampler, prompts): evaluating another seed into it
+    is refused, naming the field, and --overwrite regenerates instead of reporting the old images."""
+    ckpt = str(tiny_base / "diffusion.pt")
+    common = ["--ckpt", ckpt, "--n", "2", "--batch", "2", "--sampler", "onestep", "--out_dir", str(tmp_path)]
+    first = ev.main(common)
+    before = ev.load_folder([str(tmp_path / f"{i:07d}.png") for i in range(2)])
+    assert ev.main(common)["color"] == first["color"]                              # same run: resumed, reused
+    with pytest.raises(ValueError, match=r"seed: folder 0 vs now 5.*--overwrite"):
+        ev.main(common + ["--seed", "5"])
+    with pytest.raises(ValueError, match="sampling"):
+        ev.main(common[:-4] + ["--sampler", "eight_step", "--out_dir", str(tmp_path)])
+    assert torch.equal(ev.load_folder([str(tmp_path / f"{i:07d}.png") for i in range(2)]), before)   # nothing lost
+    ev.main(common + ["--seed", "5", "--overwrite"])
+    after = ev.load_folder([str(tmp_path / f"{i:07d}.png") for i in range(2)])
+    assert not torch.equal(after, before)
+    assert json.load(open(tmp_path / "fingerprint.json"))["seed"] == 5

@@ -154,7 +154,7 @@ def test_wrong_sized_cond_or_mask_is_named(tiny_pipe, tmp_path, monkeypatch):
         pipe.adapter = None
     from PIL import Image
     Image.new("L", (48, 48)).save(tmp_path / "edges.png")
-    with pytest.raises(SystemExit, match=r"--cond .*edges.png: 48x48 pixels, expected 64x64"):
+    with pytest.raises(ValueError, match=r"--cond .*edges.png: 48x48 pixels, expected 64x64"):
         S.read_image(str(tmp_path / "edges.png"), "--cond", 64, "gray")
 
 
@@ -197,5 +197,5 @@ def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp
     assert "LoRA" in capsys.readouterr().out and Image.open(png).size == (2 * 66 + 2, 66 + 2)
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tiny_base / "diffusion.pt"), "--prompt", "x",
                                       "--mask", str(tmp_path / "mask.png")])
-    with pytest.raises(SystemExit, match="--mask needs --init"):
+    with pytest.raises(ValueError, match="--mask needs --init"):
         S.main()

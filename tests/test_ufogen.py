@@ -165,6 +165,27 @@ def test_bad_ufogen_config_names_the_field():
         U.validate(U.UFOGenConfig(recon="diffusion", recon_guidance=3.0))
     with pytest.raises(ValueError, match="t_power"):
         U.validate(U.UFOGenConfig(t_power=0))
+    with pytest.raises(ValueError, match="recon_gamma = 'some'"):
+        U.validate(U.UFOGenConfig(recon_gamma="some"))
+    with pytest.raises(ValueError, match="d_time"):
+        U.validate(U.UFOGenConfig(d_time="t-1"))
+    with pytest.raises(ValueError, match="d_every = 0"):
+        U.validate(U.UFOGenConfig(d_every=0))
+
+
+def test_only_eq1_carries_gamma():
+    """As printed: lambda gamma_t on Eq. 1's term, none on Eq. 2 / Eq. 3; recon_gamma 'all' / 'none' override."""
+    want = {("diffusion", "diffusion"): True, ("distill", "diffusion"): False, ("ema", "diffusion"): False,
+            ("distill", "all"): True, ("ema", "all"): True, ("diffusion", "none"): False}
+    for (recon, mode), w in want.items():
+        assert U.recon_weighted(U.UFOGenConfig(recon=recon, recon_gamma=mode)) is w, (recon, mode)
+    sched = S.make_schedule()
+    pred, target = torch.zeros(2, 1, 1, 1), torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+    t = torch.tensor([1, 500])
+    assert float(U.recon_loss(pred, target, t, sched, weighted=False)) == pytest.approx((1 + 4) / 2)
+    by_hand = (1 / float(sched["sigma"][1]) ** 2 * 1 + 1 / float(sched["sigma"][500]) ** 2 * 4) / 2
+    assert float(U.recon_loss(pred, target, t, sched, weighted=True)) == pytest.approx(by_hand, rel=1e-5)
+    assert by_hand > 100                                              # gamma_1 alone is in the hundreds
 
 
 def test_guided_distill_target_is_cfg_of_the_teacher(random_unet):
@@ -203,6 +224,20 @@ def test_ufogen_stage_end_to_end(tiny_base, tmp_path, extra):
     pipe = S.Pipeline.from_checkpoint(str(out / "ufogen.pt"))
     img = pipe(["a red circle on a blue background"], steps=1, guidance_scale=1.0, sampler="renoise", seed=0)[0]
     assert img.size == (64, 64) and os.path.isfile(out / "onestep_vs_base.png")
+
+
+def test_ufogens_d_every_2_steps_d_on_even_steps_only(tiny_base, tmp_path):
+    """UFOGen's code schedule (--d_every 2): D steps at step 0, not at step 1, while G steps at both; D
+    conditioned on t as Eq. 1 prints (--d_time t) runs too."""
+    def run(steps, out):
+        train.main(["--stage", "ufogen", "--init_from", str(tiny_base / "diffusion.pt"), "--vae_ckpt", str(tiny_base / "vae.pt"),
+                    "--steps", str(steps), "--batch_size", "4", "--out_dir", str(tmp_path / out), "--eval_images", "2",
+                    "--d_every", "2", "--d_time", "t", "--recon", "distill"])
+        return train.load_checkpoint(str(tmp_path / out / "ufogen.pt"))
+    one, two = run(1, "a"), run(2, "b")
+    assert one["d"]["unet.conv_out.weight"].abs().sum() > 0           # D stepped at step 0 (its head starts at 0)
+    assert all(torch.equal(one["d"][k], two["d"][k]) for k in one["d"])  # ... and not at step 1
+    assert any(not torch.equal(one["g_raw"][k], two["g_raw"][k]) for k in one["g_raw"])   # G stepped at both
 
 
 def test_distill_stage_end_to_end(tiny_base, tmp_path):

@@ -1,0 +1,202 @@
+"""Training and evaluation never lose or misreport work: a diverged run stops and keeps its last good
+checkpoint, --resume and re-runs refuse what would mix or overwrite runs, one run per out_dir, and every
+entry point turns bad input into one 'error: ...' line (exit status 2) before doing any work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate as ev
+import plugins as P
+import sample as S
+import train
+import vae as vae_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--batch_size", "4", "--sample_every", "0", "--eval_images", "4", "--warmup", "0", "--log_every", "1"]
+
+
+def strict_json_rows(path):
+    """metrics.jsonl parsed as strict JSON: NaN / Infinity are not JSON and fail here."""
+    def refuse(c):
+        raise ValueError(f"{path}: non-JSON constant {c}")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def run_script(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+# --- 1. a non-finite loss stops the run; nothing bad is written --------------------------------------
+
+def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    r = run_script("train.py", "--stage", "vae", "--steps", "20", "--lr", "1e6", "--ckpt_every", "1",
+                   "--out_dir", str(out), *COMMON)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1].split("\r")[-1]          # (tqdm redraws its bar with \r)
+    assert last.startswith("error: vae: non-finite ") and "stopped before using it" in last
+    assert f"the last good checkpoint {out / 'vae.pt'} is kept" in last and "Traceback" not in r.stderr
+    ck = train.load_checkpoint(str(out / "vae.pt"))
+    assert 1 <= ck["step"] < 20 and train.non_finite(ck) is None      # written before the blow-up, all finite
+    rows = strict_json_rows(out / "metrics.jsonl")
+    assert rows and rows[-1]["step"] <= ck["step"] + 1
+    assert not (out / "run.lock").exists()                            # the lock is released on the way out
+
+
+def test_save_checkpoint_refuses_non_finite_weights_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.pt")
+    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
+    before = open(path, "rb").read()
+    with pytest.raises(train.Diverged, match=r"x.pt: not written, model.w holds NaN/inf"):
+        train.save_checkpoint(path, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}, "step": 2})
+    assert open(path, "rb").read() == before
+    seen = []                                                         # the temp file is this process's own
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(str(f)), real_save(obj, f)))
+    train.save_checkpoint(path, {"step": 3})
+    assert str(os.getpid()) in seen[0] and os.listdir(tmp_path) == ["x.pt"]
+
+
+def test_log_refuses_a_nan_metric_before_writing_it(tmp_path):
+    log = train.Log(str(tmp_path), "diffusion", 5, 0, 0)
+    log.step(1, {"loss": 0.5}, write=True)
+    with pytest.raises(train.Diverged, match=r"diffusion: non-finite loss \(nan\) at step 2"):
+        log.step(2, {"loss": float("nan")}, write=True)
+    log.close()
+    assert [r["step"] for r in strict_json_rows(tmp_path / "metrics.jsonl")] == [1]
+
+
+# --- 3, 4. --resume continues only the same run; a finished stage is not overwritten silently -----------
+
+def test_resume_refuses_changed_fields_and_rerun_refuses_to_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["--stage", "vae", "--steps", "2", "--out_dir", out, *COMMON]
+    train.main(args)
+    path = os.path.join(out, "vae.pt")
+    before, log_before = open(path, "rb").read(), open(os.path.join(out, "metrics.jsonl")).read()
+    with pytest.raises(ValueError, match=r"vae.pt exists: give --resume to continue it, or --overwrite"):
+        train.main(args)
+    for flag, value, named in [("--seed", "1", "seed: checkpoint 0 vs now 1"),
+                               ("--batch_size", "8", "batch_size: checkpoint 4 vs now 8"),
+                               ("--lr", "0.01", "lr: checkpoint 0.001 vs now 0.01"),
+                               ("--resolution", "32", "resolution: checkpoint 64 vs now 32")]:
+        with pytest.raises(ValueError, match=named):
+            train.main([*args, "--resume", "true", flag, value])
+    assert open(path, "rb").read() == before                          # nothing lost, nothing rewritten
+    assert open(os.path.join(out, "metrics.jsonl")).read() == log_before
+    train.main([*args[:3], "3", *args[4:], "--resume", "true"])      # --steps may change: one more step
+    assert train.load_checkpoint(path)["step"] == 3
+    train.main([*args, "--overwrite", "true"])                        # explicit: trained again from scratch
+    assert train.load_checkpoint(path)["step"] == 2
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--resume", "true", "--overwrite", "true"])
+    assert e.value.code == 2 and "contradict" in capsys.readouterr().err
+
+
+def test_stage_all_refuses_before_any_work_when_a_later_stage_exists(tmp_path):
+    out = tmp_path / "all"
+    out.mkdir()
+    (out / "diffusion.pt").write_bytes(b"finished elsewhere")
+    with pytest.raises(ValueError, match="diffusion.pt exists"):
+        train.main(["--out_dir", str(out), *COMMON])
+    assert sorted(os.listdir(out)) == ["diffusion.pt"]               # no vae.pt trained first
+
+
+# --- 5. one run per out_dir -------------------------------------------------------------------------
+
+def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import socket
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / "run.lock").write_text("other-host 12345")
+    with pytest.raises(ValueError, match=r"in use by another run \(host other-host, pid 12345; lock file"):
+        train.main(["--stage", "vae", "--steps", "1", "--out_dir", str(out), *COMMON])
+    assert not (out / "vae.pt").exists() and (out / "run.lock").read_text() == "other-host 12345"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "run.lock").write_text(f"{socket.gethostname()} {dead.pid}")   # this host, process gone: stale
+    train.main(["--stage", "vae", "--steps", "1", "--out_dir", str(out), *COMMON])
+    assert (out / "vae.pt").exists() and not (out / "run.lock").exists()
+
+
+# --- 6. command-line validation: argparse's message, exit status 2, before any work -----------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "0"], "--steps 0: expected > 0"),
+    (["--steps", "-5"], "--steps -5: expected > 0"),
+    (["--resolution", "0"], "--resolution 0: expected a positive multiple of 8"),
+    (["--grad_accum", "0"], "--grad_accum 0: expected >= 1"),
+    (["--log_every", "0"], "--log_every 0: expected >= 1"),
+    (["--ckpt_every", "0"], "--ckpt_every 0: expected >= 1"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--lr_schedule", "linear"], "argument --lr_schedule: invalid choice: 'linear'"),
+    (["--seed", str(2 ** 40)], "--seed 1099511627776: expected 0 <= seed < 2^32"),
+    (["--stage", "foo"], "argument --stage: invalid choice: 'foo'"),
+    (["--preset", "huge"], "--preset 'huge': expected one of"),
+])
+def test_train_flags_are_validated(argv, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--out_dir", str(tmp_path / "x")])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_help_shows_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps INT TrainConfig.steps; default: the stage's (diffusion 1150" in text
+    assert "--resolution INT TrainConfig.resolution; default: 64" in text
+    assert "--channels TUPLE UNetConfig.channels; default: 32,64,128 (tiny preset)" in text
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--n", "0"], "--n 0: expected >= 1"),
+    (["--seed", str(2 ** 70)], "expected 0 <= seed < 2^32"),
+    (["--out", "grid.xyz"], "--out grid.xyz: unknown image extension '.xyz'"),
+    (["--out", "/no/such/folder/grid.png"], "folder /no/such/folder does not exist"),
+    (["--steps", "0"], "--steps 0: expected >= 1"),
+    (["--strength", "0"], "--strength 0.0: expected 0 < strength <= 1"),
+])
+def test_sample_flags_are_refused_before_loading_or_sampling(argv, named, capsys):
+    # the checkpoint does not exist: reaching it would raise FileNotFoundError instead of argparse's exit
+    with pytest.raises(SystemExit) as e:
+        S.main(["--ckpt", "missing.pt", "--prompt", "x", *argv])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_non_image_inputs_are_named(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"--init .*notes.png: not a readable image"):
+        S.read_image(str(tmp_path / "notes.png"), "--init", 64, "rgb")
+    with pytest.raises(FileNotFoundError, match=r"--mask .*nope.png: no such file"):
+        S.read_image(str(tmp_path / "nope.png"), "--mask", 64, "gray")
+
+
+@pytest.mark.parametrize("main, argv, named", [
+    (ev.main, ["--ckpt", "x.pt", "--batch", "0"], "--batch 0 / --n 0: expected --batch >= 1"),
+    (ev.main, ["--ckpt", "x.pt", "--n", "-1"], "--n -1: expected --batch >= 1 and --n >= 0"),
+    (vae_lib.main, ["--presets", "foo"], "--presets 'foo': unknown 'foo'; expected names from"),
+    (P.main, ["--report", "--onestep", "foo"], "--onestep 'foo': expected NAME=CKPT"),
+])
+def test_other_entry_points_validate_their_flags(main, argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_entry_points_turn_errors_into_one_line_and_exit_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    for argv, named in [(["sample.py", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"], "does not exist"),
+                        (["evaluate.py", "--ckpt", str(tmp_path / "missing.pt")], "no such file"),
+                        (["ufogen.py", "--table5", "--base", str(tmp_path / "notes.txt.pt")], "--base"),
+                        (["plugins.py", "--report", "--base", str(tmp_path / "nope.pt")], "missing; make it with")]:
+        r = run_script(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+        assert named in r.stderr and "Traceback" not in r.stderr
