@@ -1,5 +1,5 @@
 """
-evaluate.py -- the paper's metrics (5.1 "Metrics", Tables 2 and 3) and the toy-scale report.
+evaluate.py -- the paper's metrics (5.1 "Metrics", Tables 2 and 3) and 5.2's FID-vs-CLIP sweep over CFG scales.
 
 For the tiny setup, stand-ins that need no download: reconstruction PSNR (3.5), attribute accuracy of generated
 images read by data.check_attributes, a Frechet distance on pixel features (data.frechet_distance: 8x8
@@ -12,23 +12,30 @@ For real data, 5.1's zero-shot FID-30K (InceptionV3 pool features, from torch-fi
       --n 30000 --inception_weights weights-inception-2015-12-05-6726825d.pth \
       --clip_model ViT-g-14 --clip_weights open_clip_vit_g14.bin                       # FID-30K + CLIP score
   python evaluate.py --ckpt out/tiny/diffusion.pt --guidance 1,2,3,5,8               # 5.2: quality vs alignment
-  python evaluate.py --paper_tables                                                  # out/report/report.md
+The paper's tables at toy scale, built from these metrics: report.py.
 """
 
-from __future__ import annotations                              # cfg is a train.TrainConfig (no import cycle)
-
 import argparse
+import copy
+import hashlib
 import json
+import math
 import os
 import time
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import config
 import data
-import md
+import plugins as P
 import sample as S
 import vae as vae_lib
+
+# The functions below that take `cfg` read only cfg.data, cfg.resolution (and cfg.eval_images, cfg.out_dir,
+# cfg.guidance, cfg.eval_steps where said): a train.TrainConfig, or an argparse.Namespace with those fields.
 
 
 @torch.no_grad()
@@ -38,27 +45,20 @@ def reconstruction_psnr(model: vae_lib.VAE, images: torch.Tensor, batch: int = 6
     return float(torch.cat(out).mean())
 
 
-def heldout_images(cfg: TrainConfig, n: int) -> torch.Tensor:
+def heldout_images(cfg, n: int) -> torch.Tensor:
     ds = data.make_dataset(cfg.data, "heldout", cfg.resolution)
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 
-def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"                        # per process: two writers never share a temp file
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
-def save_recon_grid(cfg: TrainConfig, models: list, path: str, n: int = 8) -> None:
+def save_recon_grid(cfg, models: list, path: str, n: int = 8) -> None:
     """Figure 3 layout: a row of held-out inputs, then one row of reconstructions per model."""
     x = heldout_images(cfg, n).to(next(models[0].parameters()).device)
     rows = [x] + [m.decode(m.encode(x).mode()) for m in models]
     data.image_grid(torch.cat(rows).cpu(), nrow=len(x)).save(path)
 
 
-def heldout_prompts(cfg: TrainConfig, n: int) -> list[str]:
+def heldout_prompts(cfg, n: int) -> list[str]:
     """Captions of the held-out split: attribute combinations never seen in training."""
     ds = data.make_dataset(cfg.data, "heldout", cfg.resolution)
     return [ds[i][1] for i in range(min(n, len(ds)))]
@@ -90,11 +90,11 @@ def update_eval(path: str, name: str, result: dict) -> None:
     """eval.json: {"<sampler>": {"color": .., "background": .., "shape": .., "ms_per_image": ..}, ...}."""
     obj = json.load(open(path)) if os.path.isfile(path) else {}
     obj[name] = {k: v for k, v in result.items() if k in ("color", "background", "shape", "ms_per_image", "style", "fd")}
-    write_json(path, obj)
+    config.write_json(path, obj)
 
 
 @torch.no_grad()
-def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str) -> None:
+def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
     """eval.json's "onestep" (UFOGen, 1 step, no CFG: 5.2 "UFOGen does not have cfg") and "ddim1" (the base
     model's 1-step DDIM, the blurry E[x0 | x_T] of 4.2), with a Frechet distance on pixel features; and one
     grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
@@ -113,19 +113,165 @@ def one_step_report(cfg: TrainConfig, base_path: str, ufo_path: str, device: str
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5.4 plugin metrics on held-out prompts (style, edge IoU, inpainting), for any pipeline and sampler
+# ----------------------------------------------------------------------------------------------------
+
+def plugin_heldout(resolution: int, n: int, device: str = "cpu") -> dict:
+    """The evaluation set: n held-out Shapes items with, for each, the style prompt, the edge condition and an
+    inpainting task: the shape's bounding box (+3 px) masked and the prompt asking for another colour."""
+    ds = data.Shapes("heldout", resolution)
+    names = list(data.COLORS)
+    items = [ds.attributes(i) for i in range(n)]
+    images = torch.stack([ds[i][0] for i in range(n)])
+    recolour = []
+    for a in items:                                           # the next palette colour that is neither fg nor bg
+        j = names.index(a["color"])
+        recolour.append(next(c for c in names[j + 1:] + names[:j] if c not in (a["color"], a["background"])))
+    mask = torch.zeros(n, 1, resolution, resolution)
+    for k, a in enumerate(items):
+        lo = [max(int((c - a["r"]) * resolution) - 3, 0) for c in (a["cy"], a["cx"])]
+        hi = [min(int((c + a["r"]) * resolution) + 4, resolution) for c in (a["cy"], a["cx"])]
+        mask[k, 0, lo[0]:hi[0], lo[1]:hi[1]] = 1
+    return {"images": images.to(device), "prompts": [ds[i][1] for i in range(n)],
+            "style_prompts": [data.caption(a["shape"], a["color"], a["background"], "outlined") for a in items],
+            "inpaint_prompts": [data.caption(a["shape"], c, a["background"]) for a, c in zip(items, recolour)],
+            "mask": mask.to(device)}
+
+
+def cell_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """The pixel mask grown to whole latent cells: 0 only on the pixels of cells that inpainting keeps exactly."""
+    return torch.nn.functional.interpolate(1 - P.latent_keep(mask, factor), scale_factor=factor, mode="nearest")
+
+
+def keep_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR (dB, images in [-1, 1]) over the kept pixels (mask = 0) of all images together."""
+    keep = (1 - mask).expand_as(out)
+    mse = ((out - ref).square() * keep).sum() / keep.sum()
+    return float(10 * torch.log10(4 / mse.clamp(min=1e-12)))
+
+
+@torch.no_grad()
+def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, threshold: float = P.PluginConfig.edge_threshold,
+            return_images: bool = False):
+    """One plugin's metrics for one pipeline and sampler (kw), on the held-out set ev:
+      lora:    style (fraction read as outlined), colour/background/shape accuracy, for the style prompts
+      adapter: edge IoU with the condition edges, colour/background accuracy
+      inpaint: keep-region PSNR of the decoded latent (no paste) and colour/background accuracy
+    plugin: the file (LoRA or adapter), loaded here and taken off again; None = without it."""
+    unet = pipe.unet
+    if kind == "lora" and plugin:
+        pipe.unet = P.load_lora(copy.deepcopy(unet), plugin)
+    try:
+        if kind == "lora":
+            res, imgs = evaluate_t2i(pipe, ev["style_prompts"], **kw)
+            out = {k: res[k] for k in ("style", "color", "background", "shape")}
+        elif kind == "adapter":
+            if plugin:
+                threshold = pipe.load_adapter(plugin).adapter.edge_threshold
+            cond = P.edges(ev["images"], threshold)
+            res, imgs = evaluate_t2i(pipe, ev["prompts"], **kw, **({"cond": cond} if plugin else {}))
+            out = {"edge_iou": float(P.edge_iou(P.edges(imgs.to(cond.device), threshold), cond).mean()),
+                   **{k: res[k] for k in ("color", "background", "shape")}}
+        elif kind == "inpaint":
+            res, imgs = evaluate_t2i(pipe, ev["inpaint_prompts"], init=ev["images"], mask=ev["mask"],
+                                              paste=False, **kw)
+            out = {"keep_psnr": keep_psnr(imgs, ev["images"].cpu(), ev["mask"].cpu()),
+                   "cell_psnr": keep_psnr(imgs, ev["images"].cpu(), cell_mask(ev["mask"].cpu(), pipe.vae.cfg.factor)),
+                   **{k: res[k] for k in ("color", "background", "shape")}}
+        else:
+            raise ValueError(f"measure: kind = {kind!r}, expected lora, adapter or inpaint")
+    finally:
+        pipe.unet, pipe.adapter = unet, None
+    return (out, imgs) if return_images else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# End-of-stage reports (train.py calls these on rank 0) and loss curves
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
+    """End of the vae stage (teacher None) or the decoder stage (teacher: the full VAE): held-out PSNR, printed and
+    written to <stage>_eval.json (cfg.out_dir, cfg.stage, cfg.steps, cfg.eval_images), and the Figure 3 grid."""
+    held = heldout_images(cfg, cfg.eval_images).to(device)
+    p = reconstruction_psnr(model, held)
+    if teacher is None:
+        report = {"psnr_heldout_db": p, "scaling_factor": model.cfg.scaling_factor, "minutes": minutes}
+        print(f"vae: {cfg.steps} steps in {minutes:.1f} min; held-out reconstruction PSNR {p:.2f} dB; "
+              f"latent scaling factor {model.cfg.scaling_factor:.4f}")
+    else:
+        p_full = reconstruction_psnr(teacher, held)
+        report = {"psnr_full_db": p_full, "psnr_light_db": p, "minutes": minutes}
+        print(f"decoder: {cfg.steps} steps in {minutes:.1f} min; held-out PSNR full {p_full:.2f} dB, "
+              f"light {p:.2f} dB ({p - p_full:+.2f} dB)")
+    config.write_json(os.path.join(cfg.out_dir, f"{cfg.stage}_eval.json"), report)
+    save_recon_grid(cfg, [m for m in (teacher, model) if m is not None], os.path.join(cfg.out_dir, f"{cfg.stage}_recon.png"))
+    return report
+
+
+def diffusion_report(cfg, pipe) -> dict:
+    """End of the diffusion stage: DDIM-<cfg.eval_steps> + CFG <cfg.guidance> on the held-out prompts, into
+    eval.json, and samples_final.png."""
+    prompts = heldout_prompts(cfg, cfg.eval_images)
+    name = f"ddim{cfg.eval_steps}"
+    res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
+    update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
+    data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, "samples_final.png"))
+    print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
+          + ", ".join(f"{k} {v:.3f}" if k != "ms_per_image" else f"{v:.1f} ms/image" for k, v in res.items()))
+    return res
+
+
+def few_step_report(cfg, pipe, steps: int) -> dict:
+    """End of the distill stage: the student's `steps`-step DDIM without CFG (folded in), into eval.json."""
+    res, _ = evaluate_t2i(pipe, heldout_prompts(cfg, cfg.eval_images), real=heldout_images(cfg, cfg.eval_images),
+                          steps=steps, guidance_scale=1.0)
+    update_eval(os.path.join(cfg.out_dir, "eval.json"), f"{steps}step", res)
+    print(f"eval {steps}step: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return res
+
+
+def plugin_stage_report(cfg, pipe, path: str, device: str) -> None:
+    """End of the lora / adapter stage: the base's DDIM-50 + CFG without and with the new plugin."""
+    ev = plugin_heldout(cfg.resolution, cfg.eval_images, device)
+    for label, plugin in (("without", None), ("with", path)):
+        res = measure_plugin(cfg.stage, pipe, plugin, S.SAMPLING["ddim50"], ev)
+        print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"
+              f"{S.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+
+
+def plot_curves(metrics_path: str, png_path: str, stage: str, keys: list[str]) -> None:
+    """A loss-curve PNG drawn with pillow (log-scale y), one colour per metric."""
+    rows = [json.loads(l) for l in open(metrics_path)] if os.path.isfile(metrics_path) else []
+    rows = [r for r in rows if r.get("stage") == stage]
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and r[k] > 0] for k in keys}
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    W, H, m = 640, 360, 48
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((m, 8), f"{stage}: " + ", ".join(series), fill="black")
+    if series:
+        xs = [s for v in series.values() for s, _ in v]
+        ys = [math.log10(y) for v in series.values() for _, y in v]
+        x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-3)
+        d.rectangle([m, m, W - m, H - m], outline="gray")
+        for frac in (0, 0.5, 1):
+            y = y0 + frac * (y1 - y0)
+            d.text((4, H - m - frac * (H - 2 * m) - 6), f"{10 ** y:.3g}", fill="gray")
+        colours = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+        for (k, v), c in zip(series.items(), colours):
+            pts = [(m + (s - x0) / (x1 - x0) * (W - 2 * m), H - m - (math.log10(y) - y0) / (y1 - y0) * (H - 2 * m))
+                   for s, y in v]
+            d.line(pts, fill=c, width=2)
+            d.text((pts[-1][0] - 60, pts[-1][1] - 14), k, fill=c)
+    im.save(png_path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 5.1 Metrics for real data: FID-30K and CLIP score, on images generated (resumably) to a folder
 # ----------------------------------------------------------------------------------------------------
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"           # torch-fidelity's converted TF-FID weights
-
-
-def need(package: str, pip_name: str):
-    """Import an optional package or stop with a message naming it (not a traceback)."""
-    import importlib
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise SystemExit(f"this needs the optional package {pip_name!r}: pip install {pip_name}") from None
 
 
 def read_prompts(path: str) -> list[str]:
@@ -143,7 +289,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -154,7 +299,6 @@ def file_sha256(path: str) -> str:
 def run_fingerprint(ckpt: str, prompts: list[str], batch: int, seed: int, sample_kw: dict) -> dict:
     """What fixes every image of a generation folder: the checkpoint's bytes, the prompts, the seeding (seed and
     batch: batch i is seeded seed + i) and the sampler settings. Saved as fingerprint.json beside the images."""
-    import hashlib
     return {"ckpt_sha256": file_sha256(ckpt), "n": len(prompts), "seed": seed, "batch": batch,
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
             "sampling": {k: v for k, v in sorted(sample_kw.items())}}
@@ -167,7 +311,7 @@ def check_fingerprint(folder: str, fp: dict, overwrite: bool) -> None:
     pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
     old = json.load(open(path)) if os.path.isfile(path) else None
     if old is None and not pngs:
-        write_json(path, fp)
+        config.write_json(path, fp)
         return
     diff = ["no fingerprint.json (written by an older version?)"] if old is None else \
            [f"{k}: folder {old.get(k)!r} vs now {fp[k]!r}" for k in fp if old.get(k) != fp[k]]
@@ -178,7 +322,7 @@ def check_fingerprint(folder: str, fp: dict, overwrite: bool) -> None:
                          f"--out_dir, or --overwrite to delete them and generate again")
     for f in pngs:
         os.remove(os.path.join(folder, f))
-    write_json(path, fp)
+    config.write_json(path, fp)
 
 
 def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int = 0, fingerprint: dict | None = None,
@@ -204,8 +348,6 @@ def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int =
 
 def load_folder(paths: list[str], size: int | None = None) -> torch.Tensor:
     """(N, 3, H, W) uint8 from image files (resized to `size` if given)."""
-    from PIL import Image
-    import numpy as np
     out = []
     for p in paths:
         im = Image.open(p).convert("RGB")
@@ -222,7 +364,7 @@ def inception_features(paths: list[str], weights: str | None, batch: int = 50, d
         raise SystemExit(f"FID needs the InceptionV3 weights file {INCEPTION_FILE} (torch-fidelity's, from its "
                          f"GitHub releases), given with --inception_weights; got {weights!r}. It cannot be "
                          f"downloaded here; without it use the pixel Frechet distance (--ref_dir still works).")
-    fe = need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity")
+    fe = config.need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity")
     net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device)
     feats = []
     with torch.no_grad():
@@ -236,10 +378,9 @@ def clip_score(paths: list[str], prompts: list[str], model: str, weights: str | 
     (the paper reports it unscaled, 0.32; torchmetrics multiplies by 100)."""
     if not weights or not os.path.isfile(weights):
         raise SystemExit(f"CLIP score needs local OpenCLIP weights for {model} (--clip_weights FILE); got {weights!r}")
-    open_clip = need("open_clip", "open_clip_torch")
+    open_clip = config.need("open_clip", "open_clip_torch")
     net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device=device)
     tok = open_clip.get_tokenizer(model)
-    from PIL import Image
     scores = []
     with torch.no_grad():
         for i in tqdm(range(0, len(paths), 32), desc="clip score"):
@@ -262,11 +403,10 @@ def list_images(folder: str) -> list[str]:
 def evaluate_cli(args, guidance: float | None = None) -> dict:
     """Generate for --prompts (or the tiny held-out prompts) with --sampler (its CFG scale replaced by
     `guidance` if given), then every metric available."""
-    from train import TrainConfig
     pipe = S.Pipeline.from_checkpoint(args.ckpt)
     tiny = args.prompts is None
+    cfg = argparse.Namespace(data="shapes", resolution=pipe.resolution, eval_images=128)
     if tiny:                                                      # synthetic shapes: checker + pixel Frechet
-        cfg = TrainConfig(resolution=pipe.resolution)
         prompts = heldout_prompts(cfg, args.n or cfg.eval_images)
     else:
         prompts = read_prompts(args.prompts)[:args.n or None]
@@ -281,7 +421,7 @@ def evaluate_cli(args, guidance: float | None = None) -> dict:
     images = load_folder(paths).float() / 127.5 - 1                  # [-1, 1], as the checker reads them
     if tiny:
         result.update(data.attribute_accuracy(images, prompts))
-        result["fd_pixels"] = pixel_fd(images, heldout_images(TrainConfig(resolution=pipe.resolution), len(prompts)))
+        result["fd_pixels"] = pixel_fd(images, heldout_images(cfg, len(prompts)))
     if args.ref_dir:
         refs = list_images(args.ref_dir)
         result["fd_pixels"] = pixel_fd(images, load_folder(refs, size=pipe.resolution).float() / 127.5 - 1)
@@ -292,7 +432,7 @@ def evaluate_cli(args, guidance: float | None = None) -> dict:
         result["clip_score"] = clip_score(paths, prompts, args.clip_model, args.clip_weights)
     result["wall_s"] = time.perf_counter() - t0
     print(json.dumps(result, indent=2))
-    write_json(os.path.join(folder, "metrics.json"), result)
+    config.write_json(os.path.join(folder, "metrics.json"), result)
     return result
 
 
@@ -312,16 +452,20 @@ def sweep_axes(r: dict) -> tuple[str, float, str, float]:
     return x[0], x[1], y[0], y[1]
 
 
+def ascii_text(text: str) -> str:
+    """pillow's built-in bitmap font draws ASCII only."""
+    return text.replace("é", "e").replace("×", "x")
+
+
 def plot_sweep(rows: list[dict], path: str, title: str) -> None:
     """The 5.2 figure's layout with pillow: quality (FID or its stand-in) on x, alignment (CLIP score or the
     checker) on y, one labelled point per CFG scale, joined in order of scale."""
-    from PIL import Image, ImageDraw
-    pts = [sweep_axes(r) for r in rows]
+    pts = [tuple(ascii_text(v) if isinstance(v, str) else v for v in sweep_axes(r)) for r in rows]
     xs, ys = [p[1] for p in pts], [p[3] for p in pts]
     W, H, m = 640, 420, 60
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    d.text((m, 10), title, fill="black")
+    d.text((m, 10), ascii_text(title), fill="black")
     d.rectangle([m, m, W - m, H - m], outline="gray")
     d.text((W // 2 - 60, H - m + 24), f"{pts[0][0]} (lower is better)", fill="black")
     d.text((6, m - 24), f"{pts[0][2]}", fill="black")
@@ -341,113 +485,31 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> None:
 
 
 def guidance_sweep(args, scales: list[float]) -> list[dict]:
-    """5.2: the same prompts and seeds sampled at each CFG scale; writes guidance.json / .md / .png next to
-    the per-scale image folders (<out_dir or ckpt dir>/eval_<sampler>_cfg<s>/)."""
+    """5.2: the same prompts and seeds sampled at each CFG scale; writes guidance_<sampler>.json / .md / .png
+    next to the per-scale image folders (<out_dir or ckpt dir>/eval_<sampler>_cfg<s>/)."""
     rows = [evaluate_cli(args, guidance=g) for g in scales]
     out = args.out_dir or os.path.dirname(args.ckpt)
     stem = os.path.join(out, f"guidance_{args.sampler}")
-    write_json(stem + ".json", {"ckpt": args.ckpt, "sampler": args.sampler, "rows": rows})
+    config.write_json(stem + ".json", {"ckpt": args.ckpt, "sampler": args.sampler, "rows": rows})
     xn, _, yn, _ = sweep_axes(rows[0])
     lines = [f"| cfg scale | {yn} | {xn} | colour | background | shape |", "|---|---|---|---|---|---|"]
     for r in rows:
         _, x, _, y = sweep_axes(r)
         lines.append(f"| {r['guidance_scale']:g} | {y:.3f} | {x:.2f} | " +
                      " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("color", "background", "shape")) + " |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    config.write_text(stem + ".md", "\n".join(lines) + "\n")
     plot_sweep(rows, stem + ".png", f"{os.path.basename(args.ckpt)}, {args.sampler}: {yn} vs {xn} over CFG scales")
     print("\n".join(lines) + f"\nwrote {stem}.md / .json / .png")
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------
-# --paper_tables: the paper's comparisons at toy scale, one report
+# Command line
 # ----------------------------------------------------------------------------------------------------
 
-PAPER_TABLE2 = {"MD, DDIM 50 steps": (8.65, 0.325), "MD, 1 step (UFOGen)": (11.67, 0.320)}   # FID-30K, CLIP
-PAPER_TABLE5 = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (12.08, 14.05)}  # full / LoRA FID
-
-
-def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: bool = True) -> str:
-    """Tables 1, 2, 4, 5 and the 5.4 plugins from what the tiny run left in run_dir, each row measured or quoted."""
-    import export_coreml
-    from train import TrainConfig
-    os.makedirs(report_dir, exist_ok=True)
-    t_start, out = time.time(), ["# MobileDiffusion at toy scale: the paper's tables", ""]
-    out += ["## Table 1: UNet cost (measured: our count of our presets; quoted: the paper)", "", "```",
-            md.table1(["sd", "md", "md-lite"]), "```", ""]
-
-    # Table 2: samplers on the held-out prompts, same prompts and seeds for every row.
-    cfg = TrainConfig()
-    prompts, real = heldout_prompts(cfg, eval_images), heldout_images(cfg, eval_images)
-    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", S.SAMPLING["ddim50"]),
-            ("8-step student", "distill.pt", S.SAMPLING["eight_step"]),
-            ("1-step UFOGen", "ufogen.pt", S.SAMPLING["onestep"]),
-            ("1-step DDIM + CFG 3 (base)", "diffusion.pt", dict(steps=1, guidance_scale=3.0, sampler="ddim"))]
-    out += [f"## Table 2 (toy): {len(prompts)} held-out prompts (unseen attribute combinations), 2 CPU cores", "",
-            "| model | colour | background | shape | Fréchet (8×8 pixels) | ms / image | |", "|---|---|---|---|---|---|---|"]
-    grid = []
-    for name, file, kw in rows:
-        path = os.path.join(run_dir, file)
-        if not os.path.isfile(path):
-            out.append(f"| {name} | | | | | | not run: no {path} (python train.py{' --stage distill' if file == 'distill.pt' else ''}) |")
-            continue
-        res, imgs = evaluate_t2i(S.Pipeline.from_checkpoint(path), prompts, real=real, **kw)
-        out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {res['fd']:.1f} "
-                   f"| {res['ms_per_image']:.1f} | measured |")
-        grid.append(imgs[:8])
-    for name, (fid, clip) in PAPER_TABLE2.items():
-        out.append(f"| {name} (MS-COCO 30K) | FID {fid} | CLIP {clip} | | | | quoted, paper Table 2 |")
-    if grid:
-        data.image_grid(torch.cat(grid), nrow=8).save(os.path.join(report_dir, "table2_samples.png"))
-        out += ["", "Rows of `table2_samples.png`: the measured rows above, in order, first 8 prompts.", ""]
-
-    # Table 4: per-component latency of the exported pipeline on this machine.
-    ckpt = next((os.path.join(run_dir, f) for f in ("ufogen.pt", "diffusion.pt") if os.path.isfile(os.path.join(run_dir, f))), None)
-    argv = ["--ckpt", ckpt] if ckpt else ["--preset", "tiny", "--resolution", "64"]
-    fmt = "none"                                                  # PyTorch eager only, unless LiteRT is here
-    if litert:
-        try:
-            need("ai_edge_litert", "ai-edge-litert"), need("litert_torch", "litert-torch")
-            fmt = "litert"
-        except SystemExit as e:
-            print(f"Table 4: {e}; PyTorch eager only")
-    argv += ["--format", fmt, "--benchmark", "--out", os.path.join(report_dir, "export"),
-             "--json", os.path.join(report_dir, "table4.json")]
-    export_coreml.main(argv)
-    rows4 = json.load(open(os.path.join(report_dir, "table4.json")))
-    out += ["## Table 4 (toy): per-component latency on this machine, 1 step "
-            f"({'a trained checkpoint, ' + os.path.basename(ckpt) if ckpt else 'random tiny weights'})", "",
-            export_coreml.table4(rows4), ""]
-
-    # Table 5: the six UFOGen variants (python ufogen.py --table5 writes run_dir/table5/table5.md).
-    t5 = os.path.join(run_dir, "table5", "table5.md")
-    out += ["## Table 5 (toy): reconstruction loss x {full, LoRA}, 1-step samples", ""]
-    if os.path.isfile(t5):
-        out += [open(t5).read().strip(), "", "(measured: colour/background/shape accuracy and pixel Fréchet distance)"]
-    else:
-        out += [f"not run: no {t5} (python ufogen.py --table5, ~25 min on 2 cores)"]
-    out += ["", "| reconstruction loss | No LoRA FID | LoRA FID | |", "|---|---|---|---|"]
-    out += [f"| {k} loss | {a} | {b} | quoted, paper Table 5 |" for k, (a, b) in PAPER_TABLE5.items()]
-
-    # 5.4: plugins on the base and one-step models (python plugins.py --report writes run_dir/plugins/).
-    p54 = os.path.join(run_dir, "plugins", "plugins.md")
-    out += ["", "## 5.4 (toy): a style LoRA, an edge adapter and inpainting, trained on the base, used on one step", ""]
-    out += ([open(p54).read().strip().split("\n", 2)[2]] if os.path.isfile(p54) else
-            [f"not run: no {p54} (python train.py --stage lora; python train.py --stage adapter; python plugins.py --report)"])
-    out += ["", f"Report written in {(time.time() - t_start) / 60:.1f} min."]
-    text = "\n".join(out)
-    with open(os.path.join(report_dir, "report.md"), "w") as f:
-        f.write(text + "\n")
-    return text
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, or the toy report")
-    p.add_argument("--paper_tables", action="store_true", help="the tiny run's Tables 1, 2, 4, 5 -> --report_dir")
-    p.add_argument("--run_dir", default="out/tiny", help="--paper_tables: where the tiny run wrote its checkpoints")
-    p.add_argument("--report_dir", default="out/report")
-    p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
+    p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, and "
+                                            "5.2's sweep over guidance scales (the paper's tables: report.py)")
     p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt)")
     p.add_argument("--sampler", default="ddim50", choices=sorted(S.SAMPLING))
     p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")
@@ -468,14 +530,8 @@ def main(argv=None):
         p.error(f"--batch {args.batch} / --n {args.n}: expected --batch >= 1 and --n >= 0 (0 = all prompts)")
     if not 0 <= args.seed < 2 ** 32:
         p.error(f"--seed {args.seed}: expected 0 <= seed < 2^32")
-    if args.paper_tables:
-        t0 = time.time()
-        text = paper_tables(args.run_dir, args.report_dir, litert=not args.no_litert)
-        print(text)
-        print(f"wrote {args.report_dir}/report.md in {(time.time() - t0) / 60:.1f} min")
-        return text
     if not args.ckpt:
-        p.error("give --ckpt (or --paper_tables)")
+        p.error("give --ckpt")
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
     if args.guidance:
@@ -494,4 +550,4 @@ def parse_scales(text: str) -> list[float]:
 
 
 if __name__ == "__main__":
-    md.run_cli(main)
+    config.run_cli(main)

@@ -40,11 +40,12 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+import config
 import md
+import sample as S
 import vae as vae_lib
-from evaluate import need                        # optional packages: a message naming them, not a traceback
+from config import need                          # optional packages: a message naming them, not a traceback
 
 # Table 4 of the paper (iPhone 15 Pro, Core ML; ms), quoted for context next to our measurements.
 PAPER_TABLE4 = {
@@ -162,11 +163,10 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     if ckpt:
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py)")
-        from train import load_diffusion, load_vae
-        unet, vae, text, conf = load_diffusion(ckpt)
+        unet, vae, text, conf = S.load_diffusion(ckpt)
         light = decoder or os.path.join(os.path.dirname(ckpt), "decoder.pt")
         if os.path.isfile(light):                                  # 3.5: the distilled light decoder
-            vae_light = load_vae(light)
+            vae_light = S.load_vae(light)
             vae_light.cfg = dataclasses.replace(vae_light.cfg, scaling_factor=vae.cfg.scaling_factor)
             vae = vae_light
         elif decoder:
@@ -525,4 +525,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    md.run_cli(main)
+    config.run_cli(main)

@@ -28,13 +28,21 @@ Run it:
 
 import argparse
 import dataclasses
+import json
 import math
+import os
+import re
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.flop_counter import FlopCounterMode
+
+import config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,9 +104,9 @@ PRESETS = {
                      ff_mult=4),
     # The MD topology, narrow: a few million params, trains on a 2-core CPU at 64px (8x8 latent).
     # Softmax attention because the tiny run trains from scratch; 3.2 finetunes into relu afterwards.
-    # pooled_text: with cross-attention alone the 10-minute run does not learn the shape's colour (measured at
-    # 600 steps, training prompts: colour 22%, background 53%); adding the mean text embedding to the time
-    # embedding gives every conv block the caption and lifts that to 92% / 100% at the same cost.
+    # pooled_text: with cross-attention alone a run of minutes does not learn the shape's colour; adding the
+    # mean text embedding to the time embedding gives every conv block the caption, at no extra cost
+    # (the ablation: docs/results.md).
     "tiny": UNetConfig(context_dim=128, channels=(32, 64, 128), head_dim=32, norm_groups=8,
                        attn_act="softmax", pooled_text=True),
 }
@@ -506,9 +514,7 @@ TEXT_PRESETS = {
     "clip-l14": TextConfig(),
     # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet
     # (the paper's CLIP is frozen, but a frozen *random* encoder spreads each colour word over 3-6 byte
-    # positions of a random mixing, a harder read-out for the UNet). Measured at 600 diffusion steps,
-    # colour / background / shape on training prompts: joint 0.92 / 1.00 / 0.44, frozen random
-    # 0.70 / 0.63 / 0.36 (held-out: 0.84 / 1.00 / 0.23 vs 0.39 / 0.45 / 0.13), for 25% more time per step.
+    # positions of a random mixing, a harder read-out for the UNet; docs/results.md has the ablation).
     # `--text_train false` reruns the frozen variant.
     "tiny": TextConfig(tokenizer="bytes", vocab_size=259, width=128, layers=2, heads=4, bos_id=256, eos_id=257,
                        pad_id=258, train=True),
@@ -534,15 +540,13 @@ class Tokenizer:
     With cfg.tokenizer == "bytes": the UTF-8 bytes are the ids (no files)."""
 
     def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
-        import re
         self.cfg, self.warned = cfg, False
         if cfg.tokenizer == "bytes":
             return
-        import json as _json
         if not (vocab_path and merges_path):
             raise ValueError("TextConfig.tokenizer = 'clip' needs vocab.json and merges.txt (a local CLIP folder)")
         with open(vocab_path) as f:
-            self.encoder = _json.load(f)
+            self.encoder = json.load(f)
         with open(merges_path) as f:
             lines = f.read().split("\n")
         merges = [tuple(l.split()) for l in lines[1:] if len(l.split()) == 2]   # line 0 is a version header
@@ -671,8 +675,6 @@ class TextEncoder(nn.Module):
         """A local Hugging Face CLIP folder (openai/clip-vit-large-patch14 or an SD checkpoint's
         text_encoder/ + tokenizer/): config.json, model.safetensors or pytorch_model.bin, vocab.json,
         merges.txt. The weights are frozen (3: the paper keeps CLIP fixed)."""
-        import json as _json
-        import os
         folder = os.path.join(folder, "text_encoder") if os.path.isdir(os.path.join(folder, "text_encoder")) else folder
         tok = next((d for d in (folder, os.path.join(os.path.dirname(folder.rstrip("/")), "tokenizer"))
                     if os.path.isfile(os.path.join(d, "vocab.json"))), None)
@@ -682,7 +684,7 @@ class TextEncoder(nn.Module):
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face CLIP folder)")
         with open(cfg_path) as f:
-            hf = _json.load(f)
+            hf = json.load(f)
         hf = hf.get("text_config", hf)                            # a full CLIPModel nests the text config
         if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
             raise ValueError(f"{cfg_path}: hidden_act = {hf['hidden_act']!r}; this encoder implements CLIP's quick_gelu")
@@ -758,7 +760,6 @@ def count_macs(model: nn.Module, *inputs) -> int:
     convolutions (grouped/depthwise convs correctly, by the weight's size); element-wise ops, norms and
     softmax are not counted, as in the paper's and SD's conventions. Run on the meta device, the count
     needs no memory and no compute, so md at 1024px counts in a second."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         model(*inputs)
     return counter.get_total_flops() // 2
@@ -789,73 +790,9 @@ def table1(presets, resolution: int = 512, configs: dict | None = None) -> str:
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: flags are generated from the config fields
-# ----------------------------------------------------------------------------------------------------
-
-def _parse_value(field: dataclasses.Field, text: str):
-    """Turn a flag string into the field's type: tuples as comma lists ('320,640,1024'), bools as true/false."""
-    default = field.default
-    if isinstance(default, bool):
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"--{field.name}: expected true/false, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(default, tuple):
-        kind = type(default[0])
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        if kind is bool:
-            return tuple(s.lower() in ("1", "true", "yes") for s in items)
-        return tuple(kind(s) for s in items)
-    return type(default)(text)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", shown=None, note: str = "",
-                     choices: dict | None = None, helps: dict | None = None) -> None:
-    """One --flag per dataclass field (default None = 'keep the preset's value'). `shown`: the config instance
-    whose values --help prints as the defaults (with `note`, e.g. "tiny preset"); `choices`: allowed values
-    per field (argparse refuses others); `helps`: help text per field where the value alone would mislead."""
-    choices, helps = choices or {}, helps or {}
-    for f in dataclasses.fields(cls):
-        if f.name in helps:
-            text = helps[f.name]
-        elif shown is not None:
-            v = getattr(shown, f.name)
-            v = ",".join(str(x) for x in v) if isinstance(v, tuple) else repr(v) if v == "" else v
-            text = f"default: {v}{' (' + note + ')' if note else ''}"
-        else:
-            text = "default: the preset's"
-        parser.add_argument(f"--{prefix}{f.name}", default=None, metavar=type(f.default).__name__.upper(),
-                            choices=choices.get(f.name), type=lambda s, f=f: _parse_value(f, s),
-                            help=f"{cls.__name__}.{f.name}; {text}")
-
-
-def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
-    """The preset `base` with every flag the user gave applied on top."""
-    changes = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(base)
-               if getattr(args, prefix + f.name, None) is not None}
-    return dataclasses.replace(base, **changes)
-
-
-def run_cli(main) -> None:
-    """Every script's entry point: bad input (ValueError, FileNotFoundError) and a diverged run (FloatingPointError,
-    train.Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
-    traceback. main() itself still raises, for callers and tests."""
-    import sys
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", ())):       # close open progress bars first, so that the
-            bar.close()                                          # error is the last line, not a redrawn bar
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def benchmark(cfg: UNetConfig, resolution: int, batch: int = 1, repeats: int = 5) -> dict:
     """Median wall time of one forward and one forward+backward on this machine's default device (CPU
     here), after a warm-up; the input is random, the weights freshly initialised."""
-    import statistics
-    import time
     model = UNet(cfg)
     x = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
     t, ctx = torch.randint(0, 1000, (batch,)), torch.randn(batch, 77, cfg.context_dim)
@@ -879,10 +816,10 @@ def main():
     p.add_argument("--resolution", type=int, default=512, help="image resolution in px (latent = resolution/8)")
     p.add_argument("--bench", action="store_true", help="also time forward and forward+backward (batch --batch)")
     p.add_argument("--batch", type=int, default=1, help="batch size for --bench")
-    add_config_flags(p, UNetConfig)
+    config.add_config_flags(p, UNetConfig, shown=UNetConfig(), note="md")
     args = p.parse_args()
     names = [args.preset] if args.preset else ["md", "md-lite", "sd"]
-    configs = {name: config_from_args(PRESETS[name], args) for name in names}
+    configs = {name: config.config_from_args(PRESETS[name], args) for name in names}
     print(table1(names, args.resolution, configs))
     if args.bench:
         print(f"\nbenchmark on {torch.get_num_threads()} CPU threads, batch {args.batch}, {args.resolution}px:")
@@ -900,4 +837,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    config.run_cli(main)

@@ -1,5 +1,6 @@
 """
-5.4 Applications: plugins trained on the *base* diffusion model, used unchanged on the one-step UFOGen model.
+LoRA (4.3, on the UFOGen generator) and the 5.4 applications: plugins trained on the *base* diffusion model,
+used unchanged on the one-step UFOGen model. One LoRA class serves both.
 
 The paper (4 intro, 4.2, 5.4, Figures 1, 4, 7, 8): because UFOGen finetunes the diffusion model with a
 diffusion-style reconstruction term, the one-step generator keeps the base model's weights close enough that
@@ -20,27 +21,21 @@ the unchanged samplers; nothing is specific to one sampler or one model.
 
   python train.py --stage lora       # -> out/tiny/lora.pt     (~7 min on 2 cores)
   python train.py --stage adapter    # -> out/tiny/adapter.pt  (~3 min)
-  python plugins.py --report         # the plugin metrics on base DDIM-50 and 1-step UFOGen, and a grid
+  python report.py --plugins         # the plugin metrics on base DDIM-50 and 1-step UFOGen, and a grid
   python sample.py --ckpt out/tiny/ufogen.pt --lora out/tiny/lora.pt --prompt "a red circle on a blue background in outlined style"
 """
 
-import argparse
 import copy
 import dataclasses
-import json
-import os
-import time
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import evaluate
+import config
 import md
-import sample as S
-import ufogen as U
 
 
 @dataclass
@@ -53,41 +48,120 @@ class PluginConfig:                  # train.py flags: --plugin_<field>
 
 
 # ----------------------------------------------------------------------------------------------------
+# 4.3 LoRA (Hu et al. 2021, the paper's [20]): on the UFOGen generator (4.3) and as the 5.4 style plugin
+# ----------------------------------------------------------------------------------------------------
+
+class LoRA(nn.Module):
+    """y = base(x) + (alpha / r) * up(down(x)), base frozen; `up` zero-initialised so a fresh LoRA is a null
+    effect (4.3: "setting the LoRA layers to initialize with a null effect"). For a conv, `down` is a conv of
+    the base's kernel with r outputs and `up` a 1x1 conv."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), (alpha or rank) / rank
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        else:
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+    def merged(self) -> nn.Module:
+        """The base layer with the low-rank update folded into its weight: W + scale * up @ down."""
+        layer = copy.deepcopy(self.base)
+        if isinstance(layer, nn.Linear):
+            delta = self.up.weight @ self.down.weight                                  # (out, in)
+        else:
+            delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
+        layer.weight.data += self.scale * delta
+        return layer.requires_grad_(True)
+
+
+def lora_targets(model: nn.Module, convs: bool):
+    """(parent, attribute) of every layer that gets LoRA: the attention and feed-forward projections and
+    the transformer stacks' in/out projections; with convs, the conv blocks' convolutions too."""
+    out = []
+    for m in model.modules():
+        names = []
+        if isinstance(m, md.Attention):
+            names = ["to_q", "to_kv"] if m.shared_kv else ["to_q", "to_k", "to_v"]
+            names.append("to_out")
+        elif isinstance(m, md.GLUFeedForward) or isinstance(m, md.Transformer2D):
+            names = ["proj_in", "proj_out"]
+        elif convs and isinstance(m, md.ResBlock):
+            names = ["conv1", "conv2"]
+        elif convs and isinstance(m, md.SepConvBlock):
+            names = ["pw1", "pw2"]
+        out += [(m, n) for n in names if isinstance(getattr(m, n), (nn.Linear, nn.Conv2d))]
+    return out
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, convs: bool = False) -> list:
+    """Freeze `model` and wrap its target layers in LoRA; returns the new trainable parameters."""
+    model.requires_grad_(False)
+    params = []
+    for parent, name in lora_targets(model, convs):
+        layer = LoRA(getattr(parent, name), rank, alpha)
+        setattr(parent, name, layer)
+        params += [layer.down.weight, layer.up.weight]
+    return params
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base layer (for export and for a plain UNet checkpoint); in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRA):
+                setattr(parent, name, child.merged())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the LoRA factors, by the names state_dict() gives them (a small file that applies on top of the
+    base model: plugins.load_lora)."""
+    return {f"{name}.{part}.weight": getattr(m, part).weight.detach()
+            for name, m in model.named_modules() if isinstance(m, LoRA) for part in ("down", "up")}
+
+
+# ----------------------------------------------------------------------------------------------------
 # 5.4 Personalised generation: a style LoRA on the base model, applied to any UNet of its architecture
 # ----------------------------------------------------------------------------------------------------
 
 def save_lora(path: str, unet: md.UNet, pcfg: PluginConfig, extra: dict | None = None) -> None:
     """Only the low-rank factors (a small file), with the rank/alpha/targets and the UNet config to check against."""
-    import train
-    train.save_checkpoint(path, {"kind": "lora", "rank": pcfg.lora_rank, "alpha": pcfg.lora_alpha,
+    config.save_checkpoint(path, {"kind": "lora", "rank": pcfg.lora_rank, "alpha": pcfg.lora_alpha,
                                  "convs": pcfg.lora_convs, "unet": dataclasses.asdict(unet.cfg),
-                                 "state": U.lora_state_dict(unet), **(extra or {})})
+                                 "state": lora_state_dict(unet), **(extra or {})})
 
 
 def load_lora(unet: md.UNet, path: str, scale: float = 1.0, fuse: bool = True) -> md.UNet:
     """Put the LoRA from `path` on `unet` (in place) with weight `scale` (diffusers' lora_scale): W + scale *
     (alpha / r) * up @ down. fuse: fold it into the weights (no extra cost per step; a one-step model stays a
     plain UNet); else keep the LoRA layers (ufogen.merge_lora folds them later)."""
-    import train
-    ck = train.load_checkpoint(path)
+    ck = config.load_checkpoint(path)
     if ck.get("kind") != "lora":
         raise ValueError(f"{path}: not a LoRA file (kind {ck.get('kind')!r}); train.py --stage lora writes one")
-    diff = train.config_mismatch(ck["unet"], unet.cfg, ignore=("attn_act", "dropout"))
+    diff = config.config_mismatch(ck["unet"], unet.cfg, ignore=("attn_act", "dropout"))
     if diff:
         raise ValueError(f"{path}: the LoRA was trained for a different UNet: " + "; ".join(diff))
-    if any(isinstance(m, U.LoRA) for m in unet.modules()):
+    if any(isinstance(m, LoRA) for m in unet.modules()):
         raise ValueError(f"{path}: this UNet already carries unfused LoRA layers; fold them first (ufogen.merge_lora)")
-    U.add_lora(unet, ck["rank"], ck["alpha"], ck["convs"])
-    want = U.lora_state_dict(unet)
+    add_lora(unet, ck["rank"], ck["alpha"], ck["convs"])
+    want = lora_state_dict(unet)
     if set(want) != set(ck["state"]):
         raise ValueError(f"{path}: LoRA weights do not fit this UNet: missing {sorted(set(want) - set(ck['state']))[:3]}, "
                          f"unexpected {sorted(set(ck['state']) - set(want))[:3]}")
     unet.load_state_dict(ck["state"], strict=False)
     for m in unet.modules():
-        if isinstance(m, U.LoRA):
+        if isinstance(m, LoRA):
             m.scale *= scale
     if fuse:
-        U.merge_lora(unet)
+        merge_lora(unet)
     return unet.requires_grad_(False)
 
 
@@ -178,16 +252,14 @@ def with_features(unet: md.UNet, features: list[torch.Tensor], scale: float = 1.
 
 
 def save_adapter(path: str, adapter: Adapter, unet: md.UNet, extra: dict | None = None) -> None:
-    import train
-    train.save_checkpoint(path, {"kind": "adapter", "factor": adapter.factor, "cond_channels": adapter.cond_channels,
+    config.save_checkpoint(path, {"kind": "adapter", "factor": adapter.factor, "cond_channels": adapter.cond_channels,
                                  "blocks": adapter.blocks, "unet": dataclasses.asdict(unet.cfg),
                                  "state": adapter.state_dict(), **(extra or {})})
 
 
 def load_adapter(path: str, unet: md.UNet) -> Adapter:
     """An adapter file written by train.py --stage adapter, checked against the UNet it will feed."""
-    import train
-    ck = train.load_checkpoint(path)
+    ck = config.load_checkpoint(path)
     if ck.get("kind") != "adapter":
         raise ValueError(f"{path}: not an adapter file (kind {ck.get('kind')!r}); train.py --stage adapter writes one")
     if list(ck["unet"]["channels"]) != list(unet.cfg.channels):
@@ -228,278 +300,3 @@ def inpaint_denoiser(denoise, z_known: torch.Tensor, keep: torch.Tensor):
     def blended(x, t):
         return keep * z_known + (1 - keep) * denoise(x, t)
     return blended
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stages: lora and adapter (train.py --stage lora | adapter), one loop
-# ----------------------------------------------------------------------------------------------------
-
-def train_plugin(cfg, pcfg: PluginConfig, rank: int, world: int, device: str) -> str:
-    """The diffusion loss of the base model's stage (v-prediction, CFG dropout), with the base frozen and only
-    the plugin trained: LoRA factors (stage lora, on the style set) or the adapter (stage adapter, on
-    (edges(image), image) pairs). 5.4: trained on the base, never on the one-step model."""
-    import train as tr
-    base, unet, vae, text, base_conf, cfg = tr.load_base(cfg, device)
-    unet.requires_grad_(False)
-    sched, adapter = S.make_schedule(), None
-    if cfg.stage == "lora":
-        params = U.add_lora(unet, pcfg.lora_rank, pcfg.lora_alpha, pcfg.lora_convs)
-        net = tr.wrap(unet, cfg, world, device)
-    else:
-        adapter = Adapter(unet.cfg, vae.cfg.factor, 1, pcfg.adapter_blocks).to(device)
-        params = list(adapter.parameters())
-        net = tr.wrap(adapter, cfg, world, device)
-    opt = tr.make_optimizer(params, cfg, cfg.lr)
-    path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
-    ck = tr.stage_checkpoint(cfg, path, rank)
-    if ck is not None:
-        if adapter is None:
-            unet.load_state_dict(ck["state"], strict=False)                  # the LoRA factors only
-        else:
-            adapter.load_state_dict(ck["state"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-    if rank == 0:
-        print(f"{cfg.stage}: {sum(p.numel() for p in params) / 1e6:.3f}M trained params on the frozen base {base} "
-              f"({cfg.style} data)")
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
-    stream = tr.batches(dataset, cfg, rank, world, start, device)
-    log = tr.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
-    per_proc, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
-    lat = (unet.cfg.in_channels, cfg.resolution // vae.cfg.factor, cfg.resolution // vae.cfg.factor)
-    t0 = time.time()
-    for step in range(start, cfg.steps):
-        lr = tr.lr_at(step, cfg, cfg.lr, cfg.steps)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        # The global batch's randomness from (seed, step), each process taking its slice (as the diffusion stage).
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        t_all = torch.randint(0, len(sched["alpha"]), (cfg.batch_size,), generator=g)
-        drop_all = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
-        eps_all = torch.randn((cfg.batch_size, *lat), generator=g)
-        loss_sum = 0.0
-        for k in range(cfg.grad_accum):
-            x, texts = next(stream)
-            sl = slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
-            t, eps = t_all[sl].to(device), eps_all[sl].to(device)
-            texts = ["" if d else c for c, d in zip(texts, drop_all[sl].tolist())]
-            z0, ctx = tr.latent_batch(x, texts, vae, text, device)
-            with tr.autocast(cfg, device):
-                x_t = S.q_sample(sched, z0, t, eps)
-                if adapter is None:
-                    v = net(x_t, t, ctx)
-                else:
-                    v = unet(x_t, t, ctx, features=net(edges(x, pcfg.edge_threshold)))
-                loss = F.mse_loss(v.float(), S.v_target(sched, z0, t, eps))
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-        gnorm = tr.clip_and_step(params, opt, cfg, step)
-        log.step(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": gnorm},
-                 write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            extra = {"step": step + 1, "opt": opt.state_dict(), "base": base, "train": dataclasses.asdict(cfg)}
-            if adapter is None:
-                save_lora(path, unet, pcfg, extra)
-            else:
-                save_adapter(path, adapter, unet, {**extra, "edge_threshold": pcfg.edge_threshold})
-    log.close()
-    if rank == 0:
-        print(f"{cfg.stage}: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min -> {path}")
-        tr.plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, ["loss"])
-        if cfg.data == "shapes":
-            pipe, ev = S.Pipeline.from_checkpoint(base, device), heldout(cfg.resolution, cfg.eval_images, device)
-            for label, plugin in (("without", None), ("with", path)):
-                res = measure(cfg.stage, pipe, plugin, S.SAMPLING["ddim50"], ev)
-                print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"
-                      f"{S.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Measuring it: the plugin metrics on held-out prompts, for any pipeline and sampler
-# ----------------------------------------------------------------------------------------------------
-
-INPAINT_VARIANTS = {                                            # how the one-step model inpaints (see above)
-    "1 step": dict(steps=1),
-    "1 step, strength 0.6": dict(steps=1, strength=0.6),
-    "4 steps": dict(steps=4),
-}
-
-
-def heldout(resolution: int, n: int, device: str = "cpu") -> dict:
-    """The evaluation set: n held-out Shapes items with, for each, the style prompt, the edge condition and an
-    inpainting task: the shape's bounding box (+3 px) masked and the prompt asking for another colour."""
-    ds = data.Shapes("heldout", resolution)
-    names = list(data.COLORS)
-    items = [ds.attributes(i) for i in range(n)]
-    images = torch.stack([ds[i][0] for i in range(n)])
-    recolour = []
-    for a in items:                                           # the next palette colour that is neither fg nor bg
-        j = names.index(a["color"])
-        recolour.append(next(c for c in names[j + 1:] + names[:j] if c not in (a["color"], a["background"])))
-    mask = torch.zeros(n, 1, resolution, resolution)
-    for k, a in enumerate(items):
-        lo = [max(int((c - a["r"]) * resolution) - 3, 0) for c in (a["cy"], a["cx"])]
-        hi = [min(int((c + a["r"]) * resolution) + 4, resolution) for c in (a["cy"], a["cx"])]
-        mask[k, 0, lo[0]:hi[0], lo[1]:hi[1]] = 1
-    return {"images": images.to(device), "prompts": [ds[i][1] for i in range(n)],
-            "style_prompts": [data.caption(a["shape"], a["color"], a["background"], "outlined") for a in items],
-            "inpaint_prompts": [data.caption(a["shape"], c, a["background"]) for a, c in zip(items, recolour)],
-            "mask": mask.to(device)}
-
-
-def cell_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """The pixel mask grown to whole latent cells: 0 only on the pixels of cells that inpainting keeps exactly."""
-    return F.interpolate(1 - latent_keep(mask, factor), scale_factor=factor, mode="nearest")
-
-
-def keep_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    """PSNR (dB, images in [-1, 1]) over the kept pixels (mask = 0) of all images together."""
-    keep = (1 - mask).expand_as(out)
-    mse = ((out - ref).square() * keep).sum() / keep.sum()
-    return float(10 * torch.log10(4 / mse.clamp(min=1e-12)))
-
-
-@torch.no_grad()
-def measure(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, threshold: float = PluginConfig.edge_threshold,
-            return_images: bool = False):
-    """One plugin's metrics for one pipeline and sampler (kw), on the held-out set ev:
-      lora:    style (fraction read as outlined), colour/background/shape accuracy, for the style prompts
-      adapter: edge IoU with the condition edges, colour/background accuracy
-      inpaint: keep-region PSNR of the decoded latent (no paste) and colour/background accuracy
-    plugin: the file (LoRA or adapter), loaded here and taken off again; None = without it."""
-    unet = pipe.unet
-    if kind == "lora" and plugin:
-        pipe.unet = load_lora(copy.deepcopy(unet), plugin)
-    try:
-        if kind == "lora":
-            res, imgs = evaluate.evaluate_t2i(pipe, ev["style_prompts"], **kw)
-            out = {k: res[k] for k in ("style", "color", "background", "shape")}
-        elif kind == "adapter":
-            if plugin:
-                threshold = pipe.load_adapter(plugin).adapter.edge_threshold
-            cond = edges(ev["images"], threshold)
-            res, imgs = evaluate.evaluate_t2i(pipe, ev["prompts"], **kw, **({"cond": cond} if plugin else {}))
-            out = {"edge_iou": float(edge_iou(edges(imgs.to(cond.device), threshold), cond).mean()),
-                   **{k: res[k] for k in ("color", "background", "shape")}}
-        elif kind == "inpaint":
-            res, imgs = evaluate.evaluate_t2i(pipe, ev["inpaint_prompts"], init=ev["images"], mask=ev["mask"],
-                                              paste=False, **kw)
-            out = {"keep_psnr": keep_psnr(imgs, ev["images"].cpu(), ev["mask"].cpu()),
-                   "cell_psnr": keep_psnr(imgs, ev["images"].cpu(), cell_mask(ev["mask"].cpu(), pipe.vae.cfg.factor)),
-                   **{k: res[k] for k in ("color", "background", "shape")}}
-        else:
-            raise ValueError(f"measure: kind = {kind!r}, expected lora, adapter or inpaint")
-    finally:
-        pipe.unet, pipe.adapter = unet, None
-    return (out, imgs) if return_images else out
-
-
-def report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: int, device: str = "cpu") -> str:
-    """The 5.4 table on the tiny setup: every plugin with and without it, for the base (DDIM-50 + CFG) and for
-    each one-step model in `onestep` ({row name: ufogen.pt}); plus a Figure-4-like grid."""
-    os.makedirs(out_dir, exist_ok=True)
-    base_pipe = S.Pipeline.from_checkpoint(base, device)
-    ev = heldout(base_pipe.resolution, n, device)
-    models = [("base, DDIM-50 + CFG 3", base_pipe, S.SAMPLING["ddim50"])]
-    models += [(name, S.Pipeline.from_checkpoint(path, device), S.SAMPLING["onestep"]) for name, path in onestep.items()]
-    rows, grid, results = [], [], {}
-    for name, pipe, kw in models:
-        r = {}
-        t0 = time.time()
-        for kind, plugin in (("lora", lora), ("adapter", adapter)):
-            r[kind] = {}
-            for label, p in (("without", None), ("with", plugin)):
-                r[kind][label], imgs = measure(kind, pipe, p, kw, ev, return_images=True)
-                if len(results) < 2:
-                    grid.append(imgs[:8])
-        variants = {"": {}} if kw["sampler"] == "ddim" else INPAINT_VARIANTS
-        r["inpaint"] = {}
-        for label, v in variants.items():
-            r["inpaint"][label], imgs = measure("inpaint", pipe, None, {**kw, **v}, ev, return_images=True)
-            if len(results) < 2 and label in ("", "4 steps"):
-                grid.append(imgs[:8])
-        results[name] = r
-        print(f"{name}: {(time.time() - t0) / 60:.1f} min")
-    # VAE ceilings: the checker on reconstructions of the real style images / of the inpainting inputs.
-    vae = base_pipe.vae
-    styled_ds = data.Shapes("heldout", base_pipe.resolution, style="outlined")      # the same items, outlined
-    styled = torch.stack([styled_ds[i][0] for i in range(n)])
-    recon = vae.decode(vae.encode(styled.to(device)).mode()).cpu()
-    ceil_style = data.attribute_accuracy(recon, ev["style_prompts"])
-    rec = vae.decode(vae.encode(ev["images"]).mode()).cpu()
-    ceil_psnr = keep_psnr(rec, ev["images"].cpu(), ev["mask"].cpu())
-    ceil_cell = keep_psnr(rec, ev["images"].cpu(), cell_mask(ev["mask"].cpu(), vae.cfg.factor))
-
-    def f(v):
-        return f"{v:.2f}"
-    lines = [f"# 5.4 plugins on the tiny setup ({n} held-out prompts; plugins trained on the base only)", "",
-             "| model | style w/o → with LoRA | colour w/o → with LoRA | edge IoU w/o → with adapter | colour w/o → with adapter "
-             "| inpainting | new colour | bg | keep PSNR, pixels / cells (dB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lw, la = r["lora"]["without"], r["lora"]["with"]
-        aw, aa = r["adapter"]["without"], r["adapter"]["with"]
-        for i, (label, ip) in enumerate(r["inpaint"].items()):
-            head = [name, f"{f(lw['style'])} → {f(la['style'])}", f"{f(lw['color'])} → {f(la['color'])}",
-                    f"{f(aw['edge_iou'])} → {f(aa['edge_iou'])}", f"{f(aw['color'])} → {f(aa['color'])}"] if i == 0 else [""] * 5
-            lines.append("| " + " | ".join(head + [label or "DDIM-50", f(ip["color"]), f(ip["background"]),
-                                                   f"{ip['keep_psnr']:.1f} / {ip['cell_psnr']:.1f}"]) + " |")
-    lines += ["", "style: fraction of samples the checker reads as outlined, for prompts \"... in outlined style\"; "
-                  "edge IoU: Sobel edges of the sample vs the condition's, 1 px tolerance; inpainting: the shape's box "
-                  "masked, the prompt asks for another colour; new colour / bg: checker accuracy; keep PSNR of the "
-                  "decoded latent *before* pasting, over the unmasked pixels / over the latent cells that the method "
-                  "keeps exactly (inpaint_denoiser). After the paste that Pipeline.images does by default, the "
-                  "unmasked pixels are the input's exactly.", "",
-              f"VAE ceilings (encode + decode of real images): outlined images read as outlined {ceil_style['style']:.2f}, "
-              f"colour {ceil_style['color']:.2f}; keep PSNR of the inpainting inputs {ceil_psnr:.1f} / {ceil_cell:.1f} dB.", "",
-              "Grid (plugins.png), 8 prompts per row: base without / with LoRA, without / with adapter, inpainted; "
-              "the same for the first one-step model (inpainted with 4 steps); the edge conditions; the inpainting "
-              "inputs, with the mask grey; the originals."]
-    cond = edges(ev["images"][:8]).cpu().expand(-1, 3, -1, -1) * 2 - 1
-    masked = ev["images"][:8].cpu() * (1 - ev["mask"][:8].cpu())
-    data.image_grid(torch.cat(grid + [cond, masked, ev["images"][:8].cpu()]), nrow=8).save(os.path.join(out_dir, "plugins.png"))
-    text = "\n".join(lines)
-    with open(os.path.join(out_dir, "plugins.md"), "w") as fh:
-        fh.write(text + "\n")
-    with open(os.path.join(out_dir, "plugins.json"), "w") as fh:
-        json.dump({"results": results, "vae_ceiling": {"style": ceil_style, "keep_psnr": ceil_psnr,
-                                                       "cell_psnr": ceil_cell}}, fh, indent=2)
-    return text
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="5.4 plugins (style LoRA, edge adapter, inpainting) on base and one-step models")
-    p.add_argument("--report", action="store_true", help="measure every plugin on every model, write plugins.md/.png")
-    p.add_argument("--base", default="out/tiny/diffusion.pt")
-    p.add_argument("--onestep", action="append", default=None, metavar="NAME=CKPT",
-                   help="one-step models to compare (repeat); default: out/tiny/ufogen.pt and, when present, the "
-                        "three full-finetuning Table-5 runs in out/tiny/table5/")
-    p.add_argument("--lora", default="out/tiny/lora.pt")
-    p.add_argument("--adapter", default="out/tiny/adapter.pt")
-    p.add_argument("--out_dir", default="out/tiny/plugins")
-    p.add_argument("--n", type=int, default=128, help="held-out prompts")
-    args = p.parse_args(argv)
-    if not args.report:
-        p.print_help()
-        return
-    if args.n < 1:
-        p.error(f"--n {args.n}: expected >= 1")
-    if args.onestep:
-        bad = [s for s in args.onestep if "=" not in s or not s.split("=", 1)[0] or not s.split("=", 1)[1]]
-        if bad:
-            p.error(f"--onestep {bad[0]!r}: expected NAME=CKPT, e.g. --onestep 'my run=out/x/ufogen.pt'")
-        onestep = dict(s.split("=", 1) for s in args.onestep)
-    else:
-        onestep = {"1-step UFOGen (default run)": "out/tiny/ufogen.pt"}
-        onestep.update({f"1-step, recon {r} (Table 5 run)": f"out/tiny/table5/{r}-full/ufogen.pt"
-                        for r in ("diffusion", "distill", "ema") if os.path.isfile(f"out/tiny/table5/{r}-full/ufogen.pt")})
-    for path in [args.base, args.lora, args.adapter, *onestep.values()]:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing; make it with: python train.py (base, ufogen), python train.py --stage lora, "
-                             f"python train.py --stage adapter, python ufogen.py --table5")
-    print(report(args.base, onestep, args.lora, args.adapter, args.out_dir, args.n))
-
-
-if __name__ == "__main__":
-    md.run_cli(main)

@@ -6,6 +6,7 @@ share one signature, classifier-free guidance, and a text-to-image pipeline obje
   5.2        "For DDIM, we achieved the lowest FID scores by adjusting the cfg scales around 3.0": DDIM with
              50 steps and guidance 3 is the base model's sampler (ddim, guided_denoiser)
 
+  train.py's checkpoints as models: load_diffusion (UNet + text encoder + VAE), load_vae, Denoiser
   5.4        plugins trained on the base, used on any checkpoint: a style LoRA, an edge adapter, inpainting
              (Pipeline.load_lora / load_adapter / latents(cond=, init=, mask=, strength=); plugins.py)
 
@@ -21,9 +22,15 @@ import argparse
 import math
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
+import config
+import data
 import md
+import plugins
+import vae as vae_lib
 
 # ----------------------------------------------------------------------------------------------------
 # Noise schedule and parameterisation
@@ -183,6 +190,67 @@ SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "renoise": renoise}
 
 
 # ----------------------------------------------------------------------------------------------------
+# Checkpoints of train.py as models: the diffusion model (UNet + text encoder) and the VAE
+# ----------------------------------------------------------------------------------------------------
+
+def load_vae(path: str) -> vae_lib.VAE:
+    """A VAE from a vae.pt / decoder.pt checkpoint (config stored inside)."""
+    ck = config.load_checkpoint(path)
+    if "vae" not in ck.get("config", {}):
+        raise ValueError(f"{path}: not a VAE checkpoint (no config['vae']); it was written by stage {ck.get('stage')!r}")
+    model = vae_lib.VAE(config.config_from_dict(vae_lib.VAEConfig, ck["config"]["vae"]))
+    model.load_state_dict(ck["model"], source=path)
+    return model.eval()
+
+
+class Denoiser(torch.nn.Module):
+    """What the diffusion stage trains: the UNet, plus the text encoder when it is trained jointly (tiny).
+    One module, so DDP, EMA and checkpoints treat both alike. forward(x_t, t, token ids) -> v."""
+
+    def __init__(self, unet: md.UNet, text: md.TextEncoder):
+        super().__init__()
+        self.unet, self.text = unet, text
+
+    def forward(self, x, t, ids):
+        if self.text.cfg.train:
+            ctx = self.text.encode_ids(ids)
+        else:
+            with torch.no_grad():                                 # 3: CLIP stays frozen
+                ctx = self.text.encode_ids(ids)
+        return self.unet(x, t, ctx)
+
+
+def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
+    """Load a Denoiser state; only the weights of a text encoder read from a folder may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.text.source and k.startswith("text."))]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def trainable_state(model: Denoiser) -> dict:
+    """The Denoiser's weights, without a text encoder read from a local folder (real CLIP reloads from there)."""
+    return {k: v for k, v in model.state_dict().items() if not (model.text.source and k.startswith("text."))}
+
+
+def load_diffusion(path: str, ema: bool = True):
+    """(unet, vae, text_encoder, saved config dict) from a diffusion.pt written by the diffusion stage
+    (or a ufogen.pt / distill.pt, which share its format)."""
+    ck = config.load_checkpoint(path)
+    conf = ck.get("config", {})
+    if "unet" not in conf:
+        raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
+    ucfg, tcfg = config.config_from_dict(md.UNetConfig, conf["unet"]), config.config_from_dict(md.TextConfig, conf["text"])
+    vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
+    text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
+    model = Denoiser(md.UNet(ucfg), text)
+    load_denoiser_state(model, ck["ema" if ema else "model"], path)
+    vae = vae_lib.VAE(vcfg)
+    vae.load_state_dict(ck["vae"], source=path)
+    return model.unet.eval(), vae.eval(), model.text.eval(), conf
+
+
+# ----------------------------------------------------------------------------------------------------
 # The text-to-image pipeline
 # ----------------------------------------------------------------------------------------------------
 
@@ -203,7 +271,6 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True) -> "Pipeline":
-        from train import load_diffusion
         unet, vae, text, conf = load_diffusion(path, ema=ema)
         pipe = cls(unet.to(device), vae.to(device), text.to(device), device=device,
                    resolution=conf["train"].get("resolution", 512))
@@ -212,13 +279,11 @@ class Pipeline:
 
     def load_lora(self, path: str, scale: float = 1.0) -> "Pipeline":
         """A style LoRA trained on the base model (train.py --stage lora), folded into this UNet with `scale`."""
-        import plugins
         plugins.load_lora(self.unet, path, scale)
         return self
 
     def load_adapter(self, path: str) -> "Pipeline":
         """A T2I-Adapter trained on the base model (train.py --stage adapter); used when latents() gets cond."""
-        import plugins
         self.adapter = plugins.load_adapter(path, self.unet).to(self.device)
         return self
 
@@ -241,7 +306,6 @@ class Pipeline:
         cond (B|1, 1, H, W): an edge map for the loaded adapter (5.4 structure control).
         init (B|1, 3, H, W) in [-1, 1]: start from it noised to t = strength * T (image-to-image, SDEdit);
         with mask (B|1, 1, H, W), 1 = regenerate, 0 = keep: inpainting (plugins.inpaint_denoiser)."""
-        import plugins
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n, f = len(prompts), self.vae.cfg.factor
         height = height or self.resolution
@@ -289,8 +353,7 @@ class Pipeline:
         return img
 
     def __call__(self, prompts, **kw):
-        from data import to_pil
-        return [to_pil(im) for im in self.images(prompts, **kw)]
+        return [data.to_pil(im) for im in self.images(prompts, **kw)]
 
 
 # The samplers of Table 2 (and the abstract's 8 steps) by name, as Pipeline keyword arguments: sample.py's
@@ -307,8 +370,6 @@ STAGE_SAMPLING = {"ufogen": "onestep", "distill": "eight_step"}         # what e
 def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
     """A PNG/JPEG given on the command line as (1, C, size, size): kind "rgb" -> [-1, 1]; "gray" (an edge map or
     a mask, white = 1) -> {0, 1}. Refuses a file of another size rather than resizing it silently."""
-    import numpy as np
-    from PIL import Image
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such file")
     try:
@@ -340,7 +401,6 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--resolution {args.resolution}: expected a positive multiple of 8")
     if not 0 < args.strength <= 1:
         p.error(f"--strength {args.strength}: expected 0 < strength <= 1")
-    from PIL import Image
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in Image.registered_extensions():                  # checked now, not after minutes of sampling
         p.error(f"--out {args.out}: unknown image extension {ext or '(none)'!r}; use .png or .jpg")
@@ -376,8 +436,6 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png")
     args = p.parse_args(argv)
     check_args(p, args)
-    from data import image_grid
-    import plugins
     pipe = Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
     defaults = SAMPLING[STAGE_SAMPLING.get(pipe.stage, "ddim50")]
     sampler, steps, guidance = (args.sampler or defaults["sampler"], args.steps or defaults["steps"],
@@ -405,7 +463,7 @@ def main(argv=None):
     prompts = [q for q in args.prompt for _ in range(args.n)]
     imgs = pipe.images(prompts, steps=steps, guidance_scale=guidance, seed=args.seed, height=size,
                        negative_prompt=args.negative_prompt, sampler=sampler, eta=args.eta, paste=not args.no_paste, **kw)
-    image_grid(imgs, nrow=args.n).save(args.out)
+    data.image_grid(imgs, nrow=args.n).save(args.out)
     plug = ", ".join(x for x in (args.lora and f"LoRA {args.lora} x{args.lora_scale}", args.adapter and f"adapter {args.adapter}",
                                  args.init and ("inpainting" if args.mask else "image-to-image") + f" (strength {args.strength})") if x)
     print(f"wrote {args.out}: {len(args.prompt)} prompt(s) x {args.n}, {sampler} {steps} steps, guidance {guidance}"
@@ -413,4 +471,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    md.run_cli(main)
+    config.run_cli(main)

@@ -11,10 +11,11 @@ and LoRA) and the abstract's 8-step distillation.
          "distill"    Eq. 2: ||sg(G_teacher(x_t, t)) - x0'||^2, a frozen copy of the base model
          "ema"        Eq. 3: ||sg(G_EMA(x_t, t)) - x0'||^2, an EMA of G (decay 1 = "distill")
        only Eq. 1 carries gamma_t, as printed (recon_gamma); lambda weighs whichever term is chosen.
-  4.3  LoRA on G only, null-initialised, D fully trained (add_lora, merge_lora, lora_state_dict)
+  4.3  LoRA on G only, null-initialised, D fully trained (plugins.LoRA: the same LoRA as 5.4's style plugin)
   abstract  "distillation ... to achieve 8-step ... inference": guided DDIM-50 teacher -> 8-step student
-       (distill_target; its stage loop, train_distill, run by train.py --stage distill), one stage of TRACT-style transitive distillation (Berthelot et al. 2023) with
-       classifier-free guidance folded into the student (Meng et al. 2023, the paper's [38]).
+       (DistillConfig, distill_target), one stage of TRACT-style transitive distillation (Berthelot et al. 2023)
+       with classifier-free guidance folded into the student (Meng et al. 2023, the paper's [38]).
+The training loops are train.py's train_ufogen and train_distill; Table 5 is report.py --table5.
 
 Choices the paper leaves open, taken from UFOGen's public code (xuyanwu/SIDDMs-UFOGen, UFO_DiT/train_ufo.py)
 unless said otherwise: t uniform in [1, T), t' = max(t - gap, 0); real and fake x_{t'} both built with
@@ -26,24 +27,18 @@ ours; 2 = every other step, the code's).
 
 Run it:
   python train.py --stage ufogen --init_from out/tiny/diffusion.pt            # one-step model
-  python train.py --stage ufogen --init_from out/tiny/diffusion.pt --lora_rank 8 --recon distill
-  python train.py --stage distill --init_from out/tiny/diffusion.pt --target_steps 8
-  python ufogen.py --table5                                                    # Table 5 at toy scale
+  python train.py --stage ufogen --init_from out/tiny/diffusion.pt --ufogen_lora_rank 8 --ufogen_recon distill
+  python train.py --stage distill --init_from out/tiny/diffusion.pt --distill_target_steps 8
+  python report.py --table5                                                    # Table 5 at toy scale
 """
 
-import argparse
 import copy
-import dataclasses
-import math
-import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import md
 import sample as S
 
@@ -70,12 +65,17 @@ class UFOGenConfig:
                                      # sample at the noise level it was made at) | "t" = D(x_{t'}, t), Eq. 1 as printed
     d_every: int = 1                 # update D every d_every steps: 1 = D and G every step, sharing one G forward;
                                      # 2 = UFOGen's code (D on even steps only, G on every step)
-    target_steps: int = 8            # distill stage: the student's number of steps (abstract: 8)
-    teacher_steps: int = 50          # distill stage: the guided DDIM teacher's steps (5.2: 50)
+
+
+@dataclass
+class DistillConfig:                 # train.py --stage distill; flags --distill_<field>
+    target_steps: int = 8            # the student's number of steps (abstract: 8)
+    teacher_steps: int = 50          # the guided DDIM teacher's steps (5.2: 50)
+    guidance: float = 3.0            # the teacher's CFG scale (5.2: ~3), folded into the student (Meng et al. [38])
 
 
 # Presets, chosen by train.py's --preset (flags still override each field). "paper" is UFOGen's released
-# recipe. "tiny" is what makes one step work in a few hundred steps on 2 cores (measured, README "One step"):
+# recipe. "tiny" is what makes one step work in a few hundred steps on 2 cores (measured: docs/results.md):
 # with the zero-terminal-SNR schedule, x_{t'} for t' = t - 250 is almost pure noise whenever t is large
 # (at t' = 749, alpha = 0.18), so D cannot see what is wrong with G(x_T) -- its loss stays at 2 ln 2 -- while
 # uniform t spends most of G's updates at small t, which one-step sampling never visits. Drawing t near T
@@ -104,8 +104,13 @@ def validate(cfg: UFOGenConfig) -> None:
         raise ValueError(f"UFOGenConfig.d_time = {cfg.d_time!r}, expected 't_prev' or 't'")
     if cfg.d_every < 1:
         raise ValueError(f"UFOGenConfig.d_every = {cfg.d_every}, expected >= 1")
+
+
+def validate_distill(cfg: DistillConfig) -> None:
     if cfg.target_steps < 1 or cfg.teacher_steps < cfg.target_steps:
-        raise ValueError(f"UFOGenConfig.target_steps = {cfg.target_steps} must be >= 1 and <= teacher_steps = {cfg.teacher_steps}")
+        raise ValueError(f"DistillConfig.target_steps = {cfg.target_steps} must be >= 1 and <= teacher_steps = {cfg.teacher_steps}")
+    if cfg.guidance < 0:
+        raise ValueError(f"DistillConfig.guidance = {cfg.guidance}, expected >= 0")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,87 +198,6 @@ def recon_weighted(cfg: UFOGenConfig) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4.3 LoRA (Hu et al. 2021, the paper's [20]) on the generator
-# ----------------------------------------------------------------------------------------------------
-
-class LoRA(nn.Module):
-    """y = base(x) + (alpha / r) * up(down(x)), base frozen; `up` zero-initialised so a fresh LoRA is a null
-    effect (4.3: "setting the LoRA layers to initialize with a null effect"). For a conv, `down` is a conv of
-    the base's kernel with r outputs and `up` a 1x1 conv."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.scale = base.requires_grad_(False), (alpha or rank) / rank
-        if isinstance(base, nn.Linear):
-            self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
-        else:
-            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
-            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.scale * self.up(self.down(x))
-
-    def merged(self) -> nn.Module:
-        """The base layer with the low-rank update folded into its weight: W + scale * up @ down."""
-        layer = copy.deepcopy(self.base)
-        if isinstance(layer, nn.Linear):
-            delta = self.up.weight @ self.down.weight                                  # (out, in)
-        else:
-            delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
-        layer.weight.data += self.scale * delta
-        return layer.requires_grad_(True)
-
-
-def lora_targets(model: nn.Module, convs: bool):
-    """(parent, attribute) of every layer that gets LoRA: the attention and feed-forward projections and
-    the transformer stacks' in/out projections; with convs, the conv blocks' convolutions too."""
-    out = []
-    for m in model.modules():
-        names = []
-        if isinstance(m, md.Attention):
-            names = ["to_q", "to_kv"] if m.shared_kv else ["to_q", "to_k", "to_v"]
-            names.append("to_out")
-        elif isinstance(m, md.GLUFeedForward) or isinstance(m, md.Transformer2D):
-            names = ["proj_in", "proj_out"]
-        elif convs and isinstance(m, md.ResBlock):
-            names = ["conv1", "conv2"]
-        elif convs and isinstance(m, md.SepConvBlock):
-            names = ["pw1", "pw2"]
-        out += [(m, n) for n in names if isinstance(getattr(m, n), (nn.Linear, nn.Conv2d))]
-    return out
-
-
-def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, convs: bool = False) -> list:
-    """Freeze `model` and wrap its target layers in LoRA; returns the new trainable parameters."""
-    model.requires_grad_(False)
-    params = []
-    for parent, name in lora_targets(model, convs):
-        layer = LoRA(getattr(parent, name), rank, alpha)
-        setattr(parent, name, layer)
-        params += [layer.down.weight, layer.up.weight]
-    return params
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA into its base layer (for export and for a plain UNet checkpoint); in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoRA):
-                setattr(parent, name, child.merged())
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> dict:
-    """Only the LoRA factors, by the names state_dict() gives them (a small file that applies on top of the
-    base model: plugins.load_lora)."""
-    return {f"{name}.{part}.weight": getattr(m, part).weight.detach()
-            for name, m in model.named_modules() if isinstance(m, LoRA) for part in ("down", "up")}
-
-
-# ----------------------------------------------------------------------------------------------------
 # 8-step distillation: the student's DDIM step matches the guided teacher's DDIM trajectory
 # ----------------------------------------------------------------------------------------------------
 
@@ -300,127 +224,3 @@ def distill_target(teacher_denoise, x_t, t: int, t_next: int, sched: dict, sub_s
     return (x - (s_n / s_t) * x_t) / (a_n - (s_n / s_t) * a_t)
 
 
-def train_distill(cfg, ucfg: UFOGenConfig, rank: int, world: int, device: str) -> str:
-    """The student learns, at each of its `target_steps` timesteps, the x0 that makes one DDIM step land
-    where `teacher_steps / target_steps` steps of the guided teacher land (ufogen.distill_target). Guidance is
-    folded in (Meng et al. 2023): the student is sampled without CFG, at half the cost per step."""
-    import evaluate
-    import train as tr
-    validate(ucfg)
-    base, unet, vae, text, base_conf, cfg = tr.load_base(cfg, device)
-    teacher = unet.requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    student_ema = copy.deepcopy(student).requires_grad_(False)
-    sched = S.make_schedule()
-    ts = S.trailing_timesteps(ucfg.target_steps) + [-1]
-    sub = max(ucfg.teacher_steps // ucfg.target_steps, 1)
-    opt = tr.make_optimizer(student.parameters(), cfg, cfg.lr)
-    ckpt_path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
-    ck = tr.stage_checkpoint(cfg, ckpt_path, rank)
-    if ck is not None:
-        tr.refuse_if_mismatch(ckpt_path, "UFOGen", ck["config"]["ufogen"], ucfg)
-        student.load_state_dict(ck["g_raw"])
-        student_ema.load_state_dict(ck["g_ema_raw"])
-        opt.load_state_dict(ck["opt_g"])
-        start = ck["step"]
-    net = tr.wrap(student, cfg, world, device)
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
-    stream = tr.batches(dataset, cfg, rank, world, start, device)
-    log = tr.Log(cfg.out_dir, "distill", cfg.steps, start, rank)
-    null, t0 = tr.null_context(text), time.time()
-    for step in range(start, cfg.steps):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        i = int(torch.randint(0, ucfg.target_steps, (1,), generator=g))          # one student step per batch
-        t, t_next = ts[i], ts[i + 1]
-        lr = tr.lr_at(step, cfg, cfg.lr, cfg.steps)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            x, texts = next(stream)
-            z0, ctx = tr.latent_batch(x, texts, vae, text, device)
-            uncond = null.expand(ctx.shape[0], -1, -1)
-            tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
-            x_t = S.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=g).to(device))
-            target = distill_target(S.guided_denoiser(teacher, sched, ctx, uncond, cfg.guidance), x_t, t, t_next,
-                                    sched, sub)
-            with tr.autocast(cfg, device):
-                x0_pred = S.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
-                # gamma_t-weighted: the x0 error times 1 / sigma_t^2 is the student's own v-loss, the weighting
-                # progressive distillation uses ("SNR+1", Salimans & Ho 2022); not one of Eq. 2/3.
-                loss = recon_loss(x0_pred.float(), target, tb, sched, weighted=True)
-            (loss / cfg.grad_accum).backward()
-        tr.clip_and_step(list(student.parameters()), opt, cfg, step)
-        tr.ema_update(student_ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        log.step(step + 1, {"loss": float(loss.detach()), "t": float(t), "lr": lr},
-                 write=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            tr.save_generator(ckpt_path, step + 1, student, student_ema, text, vae, cfg, {
-                "g_raw": student.state_dict(), "g_ema_raw": student_ema.state_dict(), "opt_g": opt.state_dict(),
-                "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
-    log.close()
-    if rank == 0:
-        print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
-        if cfg.data == "shapes":
-            pipe = S.Pipeline.from_checkpoint(ckpt_path, device)
-            prompts = evaluate.heldout_prompts(cfg, cfg.eval_images)
-            res, imgs = evaluate.evaluate_t2i(pipe, prompts, real=evaluate.heldout_images(cfg, cfg.eval_images),
-                                              steps=ucfg.target_steps, guidance_scale=1.0)
-            name = f"{ucfg.target_steps}step"
-            evaluate.update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
-            print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-    return ckpt_path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Table 5 at toy scale
-# ----------------------------------------------------------------------------------------------------
-
-def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
-    """Runs the 3 reconstruction losses x {full, LoRA} on the tiny setup and prints Table 5's shape: for
-    1-step samples on held-out prompts, attribute accuracy and a Frechet distance on pixel features."""
-    import json
-    import train
-    rows, results = [], {}
-    for recon in ("diffusion", "distill", "ema"):
-        for rank in (0, 8):
-            name = f"{recon}-{'lora' if rank else 'full'}"
-            out = os.path.join(out_dir, name)
-            train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--recon", recon,
-                        "--lora_rank", str(rank), "--steps", str(steps), "--eval_images", str(eval_images),
-                        "--sample_every", "0", "--overwrite", "true"])     # a fresh measurement each time
-            results[name] = json.load(open(os.path.join(out, "eval.json")))["onestep"]
-    lines = [f"{'reconstruction loss':<22}{'No LoRA':>28}{'LoRA':>28}",
-             f"{'':<22}{'col/bg/shape   FD':>28}{'col/bg/shape   FD':>28}"]
-    paper = {"diffusion": (11.67, 13.45), "distill": (11.20, 13.24), "ema": (12.08, 14.05)}
-    for recon in ("diffusion", "distill", "ema"):
-        cells = []
-        for kind in ("full", "lora"):
-            r = results[f"{recon}-{kind}"]
-            cells.append(f"{r['color']:.2f}/{r['background']:.2f}/{r['shape']:.2f} {r['fd']:7.2f}")
-        lines.append(f"{recon + ' loss':<22}{cells[0]:>28}{cells[1]:>28}   paper FID {paper[recon][0]} / {paper[recon][1]}")
-    text = "\n".join(lines)
-    with open(os.path.join(out_dir, "table5.md"), "w") as f:
-        f.write("```\n" + text + "\n```\n")
-    return text
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="UFOGen ablations (Table 5) on the tiny setup")
-    p.add_argument("--table5", action="store_true", help="run 3 reconstruction losses x {full, LoRA}")
-    p.add_argument("--base", default="out/tiny/diffusion.pt", help="the pretrained diffusion checkpoint")
-    p.add_argument("--out_dir", default="out/tiny/table5")
-    p.add_argument("--steps", type=int, default=300, help="UFOGen steps per variant")
-    p.add_argument("--eval_images", type=int, default=128)
-    args = p.parse_args(argv)
-    if not args.table5:
-        p.print_help()
-        return
-    if args.steps < 1 or args.eval_images < 1:
-        p.error(f"--steps {args.steps} / --eval_images {args.eval_images}: expected >= 1")
-    if not os.path.isfile(args.base):
-        raise FileNotFoundError(f"--base {args.base}: no such file (train it first: python train.py)")
-    print(table5(args.base, args.out_dir, args.steps, args.eval_images))
-
-
-if __name__ == "__main__":
-    md.run_cli(main)

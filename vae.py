@@ -23,7 +23,6 @@ Run it:
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -35,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from md import Upsample, run_cli                                          # nearest 2x + 3x3 conv: the same in SD's VAE
+import config
+from md import Upsample, count_macs, count_params     # Upsample: nearest 2x + 3x3 conv, the same in SD's VAE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,7 +446,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def decoder_cost(cfg: VAEConfig, resolution: int = 512, repeats: int = 5, time_it: bool = True) -> dict:
-    from md import count_macs, count_params
     with torch.device("meta"):
         meta = VAE(cfg)
         z = torch.zeros(1, cfg.latent_channels, resolution // cfg.factor, resolution // cfg.factor)
@@ -494,4 +493,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    config.run_cli(main)

@@ -10,6 +10,7 @@ import torch
 
 import data
 import evaluate as ev
+import report
 import sample as S
 import train
 
@@ -104,16 +105,18 @@ def test_read_prompts_and_bad_input(tmp_path):
         ev.list_images(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_paper_tables_on_an_empty_run_says_what_was_not_run(tmp_path):
-    text = ev.paper_tables(str(tmp_path / "run"), str(tmp_path / "report"), eval_images=4, litert=False)
-    assert "not run: no" in text and "diffusion.pt" in text and "python ufogen.py --table5" in text
-    assert "python plugins.py --report" in text
+    text = report.paper_tables(str(tmp_path / "run"), str(tmp_path / "report"), eval_images=4, litert=False)
+    assert "not run: no" in text and "diffusion.pt" in text and "python report.py --table5" in text
+    assert "python report.py --plugins" in text
     assert "quoted (paper, 512px)" in text and "measured" in text                 # Table 1, both kinds of rows
     assert "| torch |" in text and "quoted, paper Table 4" in text
     assert json.load(open(tmp_path / "report" / "table4.json"))["torch"]["steps"] == 1
     assert (tmp_path / "report" / "report.md").read_text().strip() == text.strip()
 
 
+@pytest.mark.slow
 def test_guidance_sweep_one_point_per_scale(tiny_base, tmp_path):
     """5.2's curve: every scale sampled on the same prompts and seeds; scale 1 is plain conditional sampling and
     another scale gives other images; the table, JSON and plot are written."""
@@ -135,6 +138,7 @@ def test_guidance_sweep_one_point_per_scale(tiny_base, tmp_path):
         ev.main(["--ckpt", ckpt, "--guidance", "a,b"])
 
 
+@pytest.mark.slow
 def test_generation_folder_of_another_run_is_refused_or_regenerated(tiny_base, tmp_path):
     """An image folder remembers its run (checkpoint hash, seed, sampler, prompts): evaluating another seed into it
     is refused, naming the field, and --overwrite regenerates instead of reporting the old images."""

@@ -59,8 +59,9 @@ def test_components_io_and_errors(tmp_path):
         E.need("not_a_package_here", "not-a-package")
 
 
+@pytest.mark.slow
 def test_coreml_export_names_shapes_and_relu_has_no_softmax(tmp_path):
-    import coremltools  # noqa: F401  (an optional dependency of export_coreml.py; in requirements-dev.txt)
+    pytest.importorskip("coremltools")               # optional back-end of export_coreml.py (requirements-dev.txt)
     ops = {}
     for act in ("relu", "softmax"):
         unet, vae, text = tiny_pipeline(attn_act=act)
@@ -79,7 +80,9 @@ def test_coreml_export_names_shapes_and_relu_has_no_softmax(tmp_path):
         assert E.size_mb(str(tmp_path / f"u{q}.mlpackage")) < 0.7 * E.size_mb(str(tmp_path / "u.mlpackage"))
 
 
+@pytest.mark.slow
 def test_litert_matches_torch_and_delegates_fully(tmp_path):
+    pytest.importorskip("litert_torch"), pytest.importorskip("ai_edge_litert")        # optional back-ends
     unet, vae, text = tiny_pipeline()
     E.export_friendly(unet), E.export_friendly(vae)
     for comp in E.components(unet, vae, text, 32):
@@ -102,8 +105,10 @@ def test_litert_matches_torch_and_delegates_fully(tmp_path):
             assert parts == 1 and not off, (comp.name, parts, off)
 
 
+@pytest.mark.slow
 def test_undelegated_ops_sees_the_original_groupnorm(tmp_path):
     """Without the export-friendly forms the decoder does not delegate whole: the check can fail."""
+    pytest.importorskip("litert_torch"), pytest.importorskip("ai_edge_litert")
     unet, vae, text = tiny_pipeline()
     comp = E.components(unet, vae, text, 32)[2]
     runner, off = E.litert_runner(E.to_litert(comp, str(tmp_path / "u.tflite"), "none"))

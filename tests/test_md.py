@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+import config
 import md
 from md import PRESETS, UNet, UNetConfig
 
@@ -62,6 +63,7 @@ def test_md_reproduces_table1():
     assert abs(c["gmacs"] / 182 - 1) <= 0.10, c["gmacs"]                   # 182 G +- 10%
 
 
+@pytest.mark.slow
 def test_md_lite_is_table6_and_cheaper():
     lite, full = md.unet_cost(PRESETS["md-lite"], 512), md.unet_cost(PRESETS["md"], 512)
     assert (lite["conv"], lite["sa"], lite["ca"]) == (11, 12, 15)          # Up-3: (SA x2 + CA x2) x3
@@ -111,6 +113,7 @@ def test_ff_expansion_3_vs_4_removes_about_ten_percent():
     assert 0.08 <= 1 - md.count_params(e3) / md.count_params(e4) <= 0.14    # the paper: "10% reduction"
 
 
+@pytest.mark.slow
 def test_counter_against_diffusers_sd15():
     """The counter itself, checked on an independent implementation: diffusers' SD-1.5 UNet with the
     plain-math attention processor (so Q K^T and A V are visible to the counter)."""
@@ -268,10 +271,10 @@ def test_resolution_not_divisible_is_a_clear_error():
 
 def test_flags_are_generated_from_config_fields():
     p = argparse.ArgumentParser()
-    md.add_config_flags(p, UNetConfig)
+    config.add_config_flags(p, UNetConfig)
     args = p.parse_args(["--attn_act", "softmax", "--channels", "64,128,256", "--shared_kv", "false",
                          "--self_attn", "false,true,true"])
-    cfg = md.config_from_args(PRESETS["md"], args)
+    cfg = config.config_from_args(PRESETS["md"], args)
     assert cfg.attn_act == "softmax" and cfg.channels == (64, 128, 256) and cfg.shared_kv is False
     assert cfg.self_attn == (False, True, True)
     assert cfg.ff_mult == PRESETS["md"].ff_mult                            # untouched fields keep the preset

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import md
 import plugins as P
 import sample as S
 import train
-import ufogen as U
 import vae as vae_lib
 
 
@@ -40,7 +40,7 @@ def test_zero_adapter_and_zero_lora_leave_outputs_unchanged(random_unet):
             torch.nn.init.normal_(out.weight, std=0.1)
         assert (unet(x, t, ctx, features=adapter(cond)) - ref).abs().max() > 1e-3
         lora = copy.deepcopy(unet)
-        U.add_lora(lora, 4, convs=True)
+        P.add_lora(lora, 4, convs=True)
         assert torch.equal(lora(x, t, ctx), ref)
     with pytest.raises(ValueError, match="UNet features: expected shapes"):
         unet(x, t, ctx, features=feats[:2])
@@ -48,6 +48,7 @@ def test_zero_adapter_and_zero_lora_leave_outputs_unchanged(random_unet):
 
 # --- LoRA files -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lora_file_loads_onto_the_base_and_a_one_step_model(tmp_path, random_unet):
     base = random_unet(0)
     onestep = copy.deepcopy(base)                   # a finetuned generator: same architecture, other weights
@@ -55,9 +56,9 @@ def test_lora_file_loads_onto_the_base_and_a_one_step_model(tmp_path, random_une
         for p in onestep.parameters():
             p.add_(0.01 * torch.randn_like(p))
     trained = copy.deepcopy(base)
-    U.add_lora(trained, 4, alpha=8.0, convs=True)   # scale alpha / r = 2
+    P.add_lora(trained, 4, alpha=8.0, convs=True)   # scale alpha / r = 2
     for m in trained.modules():
-        if isinstance(m, U.LoRA):
+        if isinstance(m, P.LoRA):
             torch.nn.init.normal_(m.up.weight, std=0.05)
     path = str(tmp_path / "lora.pt")
     P.save_lora(path, trained, P.PluginConfig(lora_rank=4, lora_alpha=8.0, lora_convs=True))
@@ -79,7 +80,7 @@ def test_lora_file_loads_onto_the_base_and_a_one_step_model(tmp_path, random_une
         P.load_lora(other, path)
     with pytest.raises(ValueError, match="already carries unfused LoRA"):
         P.load_lora(unfused, path)
-    train.save_checkpoint(str(tmp_path / "x.pt"), {"kind": "adapter"})
+    config.save_checkpoint(str(tmp_path / "x.pt"), {"kind": "adapter"})
     with pytest.raises(ValueError, match="not a LoRA file"):
         P.load_lora(copy.deepcopy(base), str(tmp_path / "x.pt"))
 
@@ -160,6 +161,7 @@ def test_wrong_sized_cond_or_mask_is_named(tiny_pipe, tmp_path, monkeypatch):
 
 # --- the stages and the command line, end to end --------------------------------------------------
 
+@pytest.mark.slow
 def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp_path, monkeypatch, capsys):
     out = tmp_path / "plug"
     common = ["--init_from", str(tiny_base / "diffusion.pt"), "--steps", "2", "--batch_size", "4", "--out_dir", str(out),
@@ -168,12 +170,12 @@ def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp
     train.main(["--stage", "adapter", "--plugin_adapter_blocks", "1", *common])
     log = capsys.readouterr().out
     assert "(outlined data)" in log and "eval with the lora" in log and "edge_iou" in log
-    lora = train.load_checkpoint(str(out / "lora.pt"))
+    lora = config.load_checkpoint(str(out / "lora.pt"))
     assert lora["kind"] == "lora" and lora["rank"] == 2 and lora["step"] == 2
     train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common[:3], "3", *common[4:], "--resume", "true"])
     straight = tmp_path / "straight"                 # 2 steps + resume to 3 == 3 steps straight, bit for bit
     train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common[:3], "3", *common[4:7], str(straight), *common[8:]])
-    resumed, want = train.load_checkpoint(str(out / "lora.pt")), train.load_checkpoint(str(straight / "lora.pt"))
+    resumed, want = config.load_checkpoint(str(out / "lora.pt")), config.load_checkpoint(str(straight / "lora.pt"))
     assert resumed["step"] == 3 and all(torch.equal(resumed["state"][k], want["state"][k]) for k in want["state"])
     assert any(not torch.equal(resumed["state"][k], lora["state"][k]) for k in lora["state"])
     logged = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["stage"] == "lora"]

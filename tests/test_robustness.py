@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+import config
 import evaluate as ev
-import plugins as P
+import report
 import sample as S
 import train
 import vae as vae_lib
@@ -33,6 +34,7 @@ def run_script(*argv):
 
 # --- 1. a non-finite loss stops the run; nothing bad is written --------------------------------------
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     r = run_script("train.py", "--stage", "vae", "--steps", "20", "--lr", "1e6", "--ckpt_every", "1",
@@ -41,8 +43,8 @@ def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_check
     last = r.stderr.strip().splitlines()[-1].split("\r")[-1]          # (tqdm redraws its bar with \r)
     assert last.startswith("error: vae: non-finite ") and "stopped before using it" in last
     assert f"the last good checkpoint {out / 'vae.pt'} is kept" in last and "Traceback" not in r.stderr
-    ck = train.load_checkpoint(str(out / "vae.pt"))
-    assert 1 <= ck["step"] < 20 and train.non_finite(ck) is None      # written before the blow-up, all finite
+    ck = config.load_checkpoint(str(out / "vae.pt"))
+    assert 1 <= ck["step"] < 20 and config.non_finite(ck) is None      # written before the blow-up, all finite
     rows = strict_json_rows(out / "metrics.jsonl")
     assert rows and rows[-1]["step"] <= ck["step"] + 1
     assert not (out / "run.lock").exists()                            # the lock is released on the way out
@@ -50,22 +52,22 @@ def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_check
 
 def test_save_checkpoint_refuses_non_finite_weights_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "x.pt")
-    train.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
+    config.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 1})
     before = open(path, "rb").read()
-    with pytest.raises(train.Diverged, match=r"x.pt: not written, model.w holds NaN/inf"):
-        train.save_checkpoint(path, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}, "step": 2})
+    with pytest.raises(config.Diverged, match=r"x.pt: not written, model.w holds NaN/inf"):
+        config.save_checkpoint(path, {"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}, "step": 2})
     assert open(path, "rb").read() == before
     seen = []                                                         # the temp file is this process's own
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(str(f)), real_save(obj, f)))
-    train.save_checkpoint(path, {"step": 3})
+    config.save_checkpoint(path, {"step": 3})
     assert str(os.getpid()) in seen[0] and os.listdir(tmp_path) == ["x.pt"]
 
 
 def test_log_refuses_a_nan_metric_before_writing_it(tmp_path):
-    log = train.Log(str(tmp_path), "diffusion", 5, 0, 0)
+    log = config.Log(str(tmp_path), "diffusion", 5, 0, 0)
     log.step(1, {"loss": 0.5}, write=True)
-    with pytest.raises(train.Diverged, match=r"diffusion: non-finite loss \(nan\) at step 2"):
+    with pytest.raises(config.Diverged, match=r"diffusion: non-finite loss \(nan\) at step 2"):
         log.step(2, {"loss": float("nan")}, write=True)
     log.close()
     assert [r["step"] for r in strict_json_rows(tmp_path / "metrics.jsonl")] == [1]
@@ -73,6 +75,7 @@ def test_log_refuses_a_nan_metric_before_writing_it(tmp_path):
 
 # --- 3, 4. --resume continues only the same run; a finished stage is not overwritten silently -----------
 
+@pytest.mark.slow
 def test_resume_refuses_changed_fields_and_rerun_refuses_to_overwrite(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["--stage", "vae", "--steps", "2", "--out_dir", out, *COMMON]
@@ -90,9 +93,9 @@ def test_resume_refuses_changed_fields_and_rerun_refuses_to_overwrite(tmp_path, 
     assert open(path, "rb").read() == before                          # nothing lost, nothing rewritten
     assert open(os.path.join(out, "metrics.jsonl")).read() == log_before
     train.main([*args[:3], "3", *args[4:], "--resume", "true"])      # --steps may change: one more step
-    assert train.load_checkpoint(path)["step"] == 3
+    assert config.load_checkpoint(path)["step"] == 3
     train.main([*args, "--overwrite", "true"])                        # explicit: trained again from scratch
-    assert train.load_checkpoint(path)["step"] == 2
+    assert config.load_checkpoint(path)["step"] == 2
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--resume", "true", "--overwrite", "true"])
     assert e.value.code == 2 and "contradict" in capsys.readouterr().err
@@ -109,6 +112,7 @@ def test_stage_all_refuses_before_any_work_when_a_later_stage_exists(tmp_path):
 
 # --- 5. one run per out_dir -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
     import socket
     out = tmp_path / "locked"
@@ -150,7 +154,7 @@ def test_train_help_shows_real_defaults(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--steps INT TrainConfig.steps; default: the stage's (diffusion 1150" in text
+    assert "--steps INT TrainConfig.steps; default: the stage's (vae 850, decoder 500, diffusion 1150" in text
     assert "--resolution INT TrainConfig.resolution; default: 64" in text
     assert "--channels TUPLE UNetConfig.channels; default: 32,64,128 (tiny preset)" in text
 
@@ -182,7 +186,8 @@ def test_non_image_inputs_are_named(tmp_path):
     (ev.main, ["--ckpt", "x.pt", "--batch", "0"], "--batch 0 / --n 0: expected --batch >= 1"),
     (ev.main, ["--ckpt", "x.pt", "--n", "-1"], "--n -1: expected --batch >= 1 and --n >= 0"),
     (vae_lib.main, ["--presets", "foo"], "--presets 'foo': unknown 'foo'; expected names from"),
-    (P.main, ["--report", "--onestep", "foo"], "--onestep 'foo': expected NAME=CKPT"),
+    (report.main, ["--plugins", "--onestep", "foo"], "--onestep 'foo': expected NAME=CKPT"),
+    (report.main, ["--table5", "--steps", "0"], "--n 128 / --steps 0: expected >= 1"),
 ])
 def test_other_entry_points_validate_their_flags(main, argv, named, capsys):
     with pytest.raises(SystemExit) as e:
@@ -190,12 +195,13 @@ def test_other_entry_points_validate_their_flags(main, argv, named, capsys):
     assert e.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_entry_points_turn_errors_into_one_line_and_exit_2(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     for argv, named in [(["sample.py", "--ckpt", str(tmp_path / "missing.pt"), "--prompt", "x"], "does not exist"),
                         (["evaluate.py", "--ckpt", str(tmp_path / "missing.pt")], "no such file"),
-                        (["ufogen.py", "--table5", "--base", str(tmp_path / "notes.txt.pt")], "--base"),
-                        (["plugins.py", "--report", "--base", str(tmp_path / "nope.pt")], "missing; make it with")]:
+                        (["report.py", "--table5", "--run_dir", str(tmp_path)], "diffusion.pt: no such file"),
+                        (["report.py", "--plugins", "--run_dir", str(tmp_path)], "missing; make it with")]:
         r = run_script(*argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import config
 import data
 import md
 import sample as S
@@ -17,6 +18,7 @@ import train
 
 # --- data -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_checker_reads_the_datasets_own_images():
     for split, style in (("train", "plain"), ("heldout", "plain"), ("train", "mixed")):
         ds = data.Shapes(split, 64, style=style)
@@ -25,6 +27,7 @@ def test_checker_reads_the_datasets_own_images():
         assert min(acc.values()) >= 0.98, (split, style, acc)
 
 
+@pytest.mark.slow
 def test_heldout_combinations_never_appear_in_training():
     held = set(data.heldout_combos())
     ds = data.Shapes("train", 64)
@@ -89,6 +92,7 @@ def make_clip_folder(tmp_path, words):
     return folder, model, transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
 
 
+@pytest.mark.slow
 def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
     prompts = ["a red circle on a blue background", "A  RED square, on 2 backgrounds!", "circle"]
     folder, ref, ref_tok = make_clip_folder(tmp_path, ["red", "circle", "blue", "background", "square", "on"])
@@ -161,10 +165,11 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["stage"] == "diffusion"]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_a_fixed_batch(tiny_vae_ckpt):
     import sample
     unet, text = md.UNet(md.PRESETS["tiny"]), md.TextEncoder(md.TEXT_PRESETS["tiny"])
-    model, vae, sched = train.Denoiser(unet, text), train.load_vae(tiny_vae_ckpt), sample.make_schedule()
+    model, vae, sched = S.Denoiser(unet, text), S.load_vae(tiny_vae_ckpt), sample.make_schedule()
     ds = data.Shapes("train", 64)
     x = torch.stack([ds[i][0] for i in range(8)])
     ids = text.tokenizer([ds[i][1] for i in range(8)])
@@ -183,6 +188,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tiny_vae_ckpt):
     assert float(loss) < 0.7 * first
 
 
+@pytest.mark.slow
 def test_stage_writes_eval_and_pipeline_is_deterministic(tmp_path, tiny_vae_ckpt):
     train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 2))
     ev = json.load(open(tmp_path / "eval.json"))
@@ -195,30 +201,33 @@ def test_stage_writes_eval_and_pipeline_is_deterministic(tmp_path, tiny_vae_ckpt
     assert a[0].tobytes() != c[0].tobytes()
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_identically(tmp_path, tiny_vae_ckpt):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(diffusion_args(straight, tiny_vae_ckpt, 4))
     train.main(diffusion_args(split, tiny_vae_ckpt, 2, "--ckpt_every", "2"))
     train.main(diffusion_args(split, tiny_vae_ckpt, 4, "--resume", "true"))
-    a = train.load_checkpoint(str(straight / "diffusion.pt"))
-    b = train.load_checkpoint(str(split / "diffusion.pt"))
+    a = config.load_checkpoint(str(straight / "diffusion.pt"))
+    b = config.load_checkpoint(str(split / "diffusion.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert losses(straight) == losses(split)                         # 2 logged before the stop + 2 after
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused_by_field(tmp_path, tiny_vae_ckpt):
     train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1))
     with pytest.raises(ValueError, match=r"UNet config differs .*ff_mult: checkpoint 3 vs now 4"):
         train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 2, "--resume", "true", "--ff_mult", "4"))
 
 
+@pytest.mark.slow
 def test_init_from_softmax_into_relu_attention(tmp_path, tiny_vae_ckpt):
     """3.2: a softmax checkpoint initialises a relu-attention run (the only allowed architecture change)."""
     train.main(diffusion_args(tmp_path / "a", tiny_vae_ckpt, 1))
     train.main(diffusion_args(tmp_path / "b", tiny_vae_ckpt, 1, "--attn_act", "relu",
                               "--init_from", str(tmp_path / "a" / "diffusion.pt")))
-    unet, _, _, _ = train.load_diffusion(str(tmp_path / "b" / "diffusion.pt"))
+    unet, _, _, _ = S.load_diffusion(str(tmp_path / "b" / "diffusion.pt"))
     assert unet.cfg.attn_act == "relu"
     with pytest.raises(ValueError, match="channels"):
         train.main(diffusion_args(tmp_path / "c", tiny_vae_ckpt, 1, "--channels", "32,64,96",
@@ -231,6 +240,7 @@ def _ddp_worker(rank, out, vae_ckpt, port):
     train.main(diffusion_args(out, vae_ckpt, 3, "--device", "cpu"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, tiny_vae_ckpt):
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(diffusion_args(one, tiny_vae_ckpt, 3))
@@ -245,6 +255,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, tiny_vae_ckpt):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_mismatched_components_are_clear_errors(tmp_path, tiny_vae_ckpt):
     with pytest.raises(ValueError, match="in_channels = 4 but the VAE has 8"):
         train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--in_channels", "4"))

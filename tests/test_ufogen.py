@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
+import config
 import md
+import plugins as P
 import sample as S
 import train
 import ufogen as U
@@ -21,6 +23,7 @@ def batch(n=4):
             torch.randn(n, 77, 128, generator=g))
 
 
+@pytest.mark.slow
 def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen(random_unet):
     unet, sched = random_unet(), S.make_schedule()
     disc = U.Discriminator(unet)
@@ -41,6 +44,7 @@ def test_discriminator_starts_neutral_and_d_loss_falls_with_g_frozen(random_unet
     assert float(U.d_loss(disc(real, tp, ctx), disc(fake, tp, ctx), clamp=0)) < first
 
 
+@pytest.mark.slow
 def test_generator_gets_a_nonzero_adversarial_gradient_and_its_loss_falls_with_d_frozen(random_unet):
     """The known bug of some reimplementations: building x'_{t-1} under no_grad leaves G without any
     adversarial gradient. Here the fake is built with grad, and D is frozen but random (non-neutral)."""
@@ -101,7 +105,7 @@ def test_gamma_makes_the_diffusion_term_the_v_loss():
 @pytest.mark.parametrize("convs", [False, True])
 def test_lora_parameter_count_null_init_and_merge(convs, random_unet):
     unet = random_unet()
-    targets = U.lora_targets(unet, convs)
+    targets = P.lora_targets(unet, convs)
     r = 4
     expected = 0
     for parent, name in targets:
@@ -115,7 +119,7 @@ def test_lora_parameter_count_null_init_and_merge(convs, random_unet):
     with torch.no_grad():
         before = unet(z0, t, ctx)
     n_before = md.count_params(unet)
-    params = U.add_lora(unet, r, convs=convs)
+    params = P.add_lora(unet, r, convs=convs)
     assert sum(p.numel() for p in params) == expected == md.count_params(unet) - n_before
     is_lora = lambda name: ".down." in name or ".up." in name       # top-level "down.*"/"up.*" have no leading dot
     assert all(p.requires_grad == is_lora(n) for n, p in unet.named_parameters())
@@ -125,10 +129,10 @@ def test_lora_parameter_count_null_init_and_merge(convs, random_unet):
             p.add_(torch.randn_like(p) * 0.05)
         unmerged = unet(z0, t, ctx)
         assert not torch.allclose(unmerged, before, atol=1e-4)
-        merged = U.merge_lora(copy.deepcopy(unet))
-        assert not any(isinstance(m, U.LoRA) for m in merged.modules())
+        merged = P.merge_lora(copy.deepcopy(unet))
+        assert not any(isinstance(m, P.LoRA) for m in merged.modules())
         torch.testing.assert_close(merged(z0, t, ctx), unmerged, atol=1e-5, rtol=0)
-    assert set(U.lora_state_dict(unet)) and all(".down." in k or ".up." in k for k in U.lora_state_dict(unet))
+    assert set(P.lora_state_dict(unet)) and all(".down." in k or ".up." in k for k in P.lora_state_dict(unet))
 
 
 def test_distill_target_of_an_oracle_teacher_is_its_x0():
@@ -213,7 +217,8 @@ def test_timestep_sampling_power():
         assert abs((t > 0.75 * S.T).float().mean().item() - want) < 0.02, power
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora_rank", "4", "--recon", "ema"]])
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--ufogen_lora_rank", "4", "--ufogen_recon", "ema"]])
 def test_ufogen_stage_end_to_end(tiny_base, tmp_path, extra):
     out = tmp_path / "ufo"
     train.main(["--stage", "ufogen", "--init_from", str(tiny_base / "diffusion.pt"), "--vae_ckpt", str(tiny_base / "vae.pt"),
@@ -226,23 +231,25 @@ def test_ufogen_stage_end_to_end(tiny_base, tmp_path, extra):
     assert img.size == (64, 64) and os.path.isfile(out / "onestep_vs_base.png")
 
 
+@pytest.mark.slow
 def test_ufogens_d_every_2_steps_d_on_even_steps_only(tiny_base, tmp_path):
-    """UFOGen's code schedule (--d_every 2): D steps at step 0, not at step 1, while G steps at both; D
-    conditioned on t as Eq. 1 prints (--d_time t) runs too."""
+    """UFOGen's code schedule (--ufogen_d_every 2): D steps at step 0, not at step 1, while G steps at both; D
+    conditioned on t as Eq. 1 prints (--ufogen_d_time t) runs too."""
     def run(steps, out):
         train.main(["--stage", "ufogen", "--init_from", str(tiny_base / "diffusion.pt"), "--vae_ckpt", str(tiny_base / "vae.pt"),
                     "--steps", str(steps), "--batch_size", "4", "--out_dir", str(tmp_path / out), "--eval_images", "2",
-                    "--d_every", "2", "--d_time", "t", "--recon", "distill"])
-        return train.load_checkpoint(str(tmp_path / out / "ufogen.pt"))
+                    "--ufogen_d_every", "2", "--ufogen_d_time", "t", "--ufogen_recon", "distill"])
+        return config.load_checkpoint(str(tmp_path / out / "ufogen.pt"))
     one, two = run(1, "a"), run(2, "b")
     assert one["d"]["unet.conv_out.weight"].abs().sum() > 0           # D stepped at step 0 (its head starts at 0)
     assert all(torch.equal(one["d"][k], two["d"][k]) for k in one["d"])  # ... and not at step 1
     assert any(not torch.equal(one["g_raw"][k], two["g_raw"][k]) for k in one["g_raw"])   # G stepped at both
 
 
+@pytest.mark.slow
 def test_distill_stage_end_to_end(tiny_base, tmp_path):
     out = tmp_path / "dist"
     train.main(["--stage", "distill", "--init_from", str(tiny_base / "diffusion.pt"), "--steps", "2", "--batch_size", "4",
-                "--out_dir", str(out), "--eval_images", "4", "--target_steps", "4", "--teacher_steps", "8"])
+                "--out_dir", str(out), "--eval_images", "4", "--distill_target_steps", "4", "--distill_teacher_steps", "8"])
     ev = json.load(open(out / "eval.json"))
     assert {"color", "background", "shape", "ms_per_image"} <= set(ev["4step"])

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
+import config
+import sample as S
 import train
 import vae as V
-from md import count_macs
 
 
 def tiny_vae(**changes):
@@ -112,6 +113,7 @@ def test_light_decoder_is_at_most_a_third_of_sd_decoder_macs():
 
 # --- parity with diffusers' AutoencoderKL (the "sd" layout), and loading a local SD folder -------------
 
+@pytest.mark.slow
 def test_sd_layout_parity_with_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("safetensors")
@@ -159,17 +161,18 @@ def run_args(tmp_path, stage, steps=2, *extra):
             "--log_every", "1", "--sample_every", "0", "--eval_images", "8", "--warmup", "1", *extra]
 
 
+@pytest.mark.slow
 def test_vae_stage_checkpoint_roundtrip_and_decoder_freezes_encoder(tmp_path, capsys):
     train.main(run_args(tmp_path, "vae"))
     assert "perceptual loss OFF" in capsys.readouterr().out       # said once, not substituted silently
-    vae = train.load_vae(str(tmp_path / "vae.pt"))
-    ck = train.load_checkpoint(str(tmp_path / "vae.pt"))
+    vae = S.load_vae(str(tmp_path / "vae.pt"))
+    ck = config.load_checkpoint(str(tmp_path / "vae.pt"))
     assert ck["step"] == 2 and ck["config"]["vae"]["scaling_factor"] == vae.cfg.scaling_factor != 1.0
     for k, v in vae.state_dict().items():                          # weights survive the round trip
         assert torch.equal(v, ck["model"][k])
 
     train.main(run_args(tmp_path, "decoder", 2, "--init_from", str(tmp_path / "vae.pt")))
-    light = train.load_vae(str(tmp_path / "decoder.pt"))
+    light = S.load_vae(str(tmp_path / "decoder.pt"))
     assert light.cfg.decoder_channels == V.PRESETS["tiny-light"].decoder_channels
     for k, v in vae.encoder.state_dict().items():                  # 3.5: encoder frozen, bit-identical
         assert torch.equal(v, light.encoder.state_dict()[k]), k
@@ -177,6 +180,7 @@ def test_vae_stage_checkpoint_roundtrip_and_decoder_freezes_encoder(tmp_path, ca
     assert os.path.isfile(tmp_path / "decoder_recon.png") and os.path.isfile(tmp_path / "loss_decoder.png")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(tmp_path):
     train.main(run_args(tmp_path, "vae"))
     with pytest.raises(ValueError, match=r"differs from this run's in 1 field\(s\): latent_channels: checkpoint 8 vs now 4"):

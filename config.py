@@ -1,0 +1,257 @@
+"""
+config.py -- the bottom layer every script imports (it imports no other file of the project): config dataclasses
+to and from command-line flags and saved dicts, checkpoint and JSON files written atomically and read with
+weights_only=True, the one-run-per-folder lock, optional packages, and the entry points' error handling.
+
+Layering, imports one way only (each file imports only from files above it in this list):
+  config.py   this file
+  data.py     synthetic shapes, image folders, the attribute checker, grids, Frechet distance
+  md.py       3: the MobileDiffusion UNet and text encoder, presets, Table 1 cost
+  vae.py      3.5: the VAE and the light decoder
+  plugins.py  4.3 + 5.4: LoRA, the T2I-Adapter, edge maps, inpainting
+  sample.py   schedule, samplers, loading checkpoints, Pipeline
+  ufogen.py   4: UFOGen's losses and the 8-step distillation target
+  evaluate.py 5.1: metrics;  export_coreml.py: 5.2 / Table 4 export and latency
+  train.py    every training stage
+  report.py   the paper's tables at toy scale (Tables 1, 2, 4, 5, 5.4, 5.2's guidance curve)
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import socket
+import sys
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs <-> flags and saved dicts
+# ----------------------------------------------------------------------------------------------------
+
+def _parse_value(field: dataclasses.Field, text: str):
+    """Turn a flag string into the field's type: tuples as comma lists ('320,640,1024'), bools as true/false."""
+    default = field.default
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"--{field.name}: expected true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        kind = type(default[0])
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if kind is bool:
+            return tuple(s.lower() in ("1", "true", "yes") for s in items)
+        return tuple(kind(s) for s in items)
+    return type(default)(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", shown=None, note: str = "",
+                     choices: dict | None = None, helps: dict | None = None) -> None:
+    """One --flag per dataclass field (default None = 'keep the preset's value'). `shown`: the config instance
+    whose values --help prints as the defaults (with `note`, e.g. "tiny preset"); `choices`: allowed values
+    per field (argparse refuses others); `helps`: help text per field where the value alone would mislead."""
+    choices, helps = choices or {}, helps or {}
+    for f in dataclasses.fields(cls):
+        if f.name in helps:
+            text = helps[f.name]
+        elif shown is not None:
+            v = getattr(shown, f.name)
+            v = ",".join(str(x) for x in v) if isinstance(v, tuple) else repr(v) if v == "" else v
+            text = f"default: {v}{' (' + note + ')' if note else ''}"
+        else:
+            text = "default: the preset's"
+        parser.add_argument(f"--{prefix}{f.name}", default=None, metavar=type(f.default).__name__.upper(),
+                            choices=choices.get(f.name), type=lambda s, f=f: _parse_value(f, s),
+                            help=f"{cls.__name__}.{f.name}; {text}")
+
+
+def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
+    """The preset `base` with every flag the user gave applied on top."""
+    changes = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(base)
+               if getattr(args, prefix + f.name, None) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def config_from_dict(cls, d: dict):
+    """A config dataclass from its saved dict (lists back to tuples; fields a newer version dropped ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: checkpoints and JSON written atomically, one run per folder
+# ----------------------------------------------------------------------------------------------------
+
+class Diverged(FloatingPointError):
+    """A non-finite loss, gradient norm or weight. The stage stops before the update or the write that would
+    carry it, so the last checkpoint on disk stays the last good one; entry points exit with status 2."""
+
+
+def diverged(stage: str, out_dir: str, what: str, value, step: int) -> Diverged:
+    path = os.path.join(out_dir, f"{stage}.pt")
+    kept = (f"the last good checkpoint {path} is kept as it was" if os.path.isfile(path) else
+            "no checkpoint of this stage was written")
+    return Diverged(f"{stage}: non-finite {what} ({value}) at step {step}; stopped before using it, {kept}. "
+                    f"Lower --lr, or check the data")
+
+
+def non_finite(obj, key: str = "") -> str | None:
+    """The key of the first floating-point tensor in a (nested) payload holding NaN or inf, else None."""
+    if torch.is_tensor(obj):
+        return key if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = non_finite(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Atomic: write to a temporary file of this process, then rename over the old one, so a crash mid-write
+    (or a second run writing the same path) never leaves a half-written checkpoint in place of the last good
+    one. Refuses a payload with non-finite weights: the old file is kept."""
+    bad = non_finite(payload)
+    if bad is not None:
+        raise Diverged(f"{path}: not written, {bad} holds NaN/inf values; the previous file (if any) is kept")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r} could not be read as a weights-only torch file: {e}") from e
+
+
+def config_mismatch(saved: dict, current, ignore: tuple = ()) -> list[str]:
+    """Fields whose values differ between a saved config dict and a current dataclass."""
+    now = dataclasses.asdict(current)
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        if k in ignore:
+            continue
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{k}: checkpoint {a!r} vs now {b!r}")
+    return out
+
+
+def refuse_if_mismatch(path: str, what: str, saved: dict, current, ignore: tuple = ()) -> None:
+    diff = config_mismatch(saved, current, ignore)
+    if diff:
+        raise ValueError(f"{path}: the checkpoint's {what} config differs from this run's in "
+                         f"{len(diff)} field(s): " + "; ".join(diff))
+
+
+class Log:
+    """metrics.jsonl (one JSON object per logged step) + a tqdm bar; rank 0 only."""
+
+    def __init__(self, out_dir: str, stage: str, steps: int, start: int, rank: int):
+        self.rank, self.stage = rank, stage
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.bar = tqdm(total=steps, initial=start, desc=stage, disable=rank != 0, dynamic_ncols=True)
+
+    def step(self, step: int, metrics: dict, write: bool):
+        for k, v in metrics.items():                           # every step, logged or not: stop at the first NaN
+            if isinstance(v, float) and not math.isfinite(v):
+                raise diverged(self.stage, os.path.dirname(self.path), k, v, step)
+        self.bar.update(1)
+        if self.rank == 0 and write:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"stage": self.stage, "step": step, **metrics}, allow_nan=False) + "\n")
+
+    def close(self):
+        self.bar.close()
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomic, through a temp file of this process: two writers never share a temp file, and a reader never
+    sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=2))
+
+
+@contextmanager
+def out_dir_lock(out_dir: str, rank: int):
+    """One run per out_dir: two runs would interleave metrics.jsonl and overwrite each other's checkpoints.
+    Rank 0 holds out_dir/run.lock (host and pid) for the run's duration; a lock left by a dead process of this
+    host is taken over, any other is refused with its owner named."""
+    if rank != 0:
+        yield
+        return
+    path, me = os.path.join(out_dir, "run.lock"), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in (0, 1):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = open(path).read().strip()
+            host, _, pid = owner.partition(" ")
+            if attempt == 0 and host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                os.remove(path)                                   # stale: its run died without cleaning up
+                continue
+            raise ValueError(f"{out_dir} is in use by another run (host {host}, pid {pid}; lock file {path}): wait for "
+                             f"it, give another --out_dir, or delete {path} if that run is gone") from None
+    os.write(fd, me.encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+
+def need(package: str, pip_name: str):
+    """Import an optional package or stop with a message naming it (not a traceback)."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise SystemExit(f"this needs the optional package {pip_name!r}: pip install {pip_name}") from None
+
+
+def run_cli(main) -> None:
+    """Every script's entry point: bad input (ValueError, FileNotFoundError) and a diverged run (FloatingPointError,
+    train.Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
+    traceback. main() itself still raises, for callers and tests."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        for bar in list(getattr(tqdm, "_instances", ())):       # close open progress bars first, so that the
+            bar.close()                                          # error is the last line, not a redrawn bar
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
