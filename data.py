@@ -207,7 +207,7 @@ def attribute_accuracy(images: torch.Tensor, captions: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Real data: an image folder
+# Real data: an image folder; the training order of any dataset
 # ----------------------------------------------------------------------------------------------------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -281,6 +281,42 @@ def make_dataset(data: str, split: str, resolution: int, style: str = "plain"):
     if data == "shapes":
         return Shapes(split, resolution, style=style)
     return ImageFolder(data, resolution)
+
+
+def batches(dataset, batch_size: int, grad_accum: int, seed: int, rank: int, world: int, start_step: int, device: str,
+            num_workers: int = 0):
+    """Yields this process's micro-batches, (images, captions), for optimizer steps start_step, start_step+1, ...
+    (batch_size: the global batch per optimizer step, over `world` processes and `grad_accum` micro-steps).
+    The global order is a fixed function of (seed, step): a permutation of the dataset per epoch, step s
+    taking the s-th slice of batch_size; process r takes its contiguous part. So a resumed run, a run on
+    2 processes and a run on 1 process with the doubled batch all see the same images at the same step."""
+    n, per_proc = len(dataset), batch_size // world
+    micro = per_proc // grad_accum
+    step = start_step
+
+    perms = {}                                                    # epoch -> permutation (cached)
+
+    def indices(s):
+        first = s * batch_size + rank * per_proc
+        out = []
+        for g in range(first, first + per_proc):
+            epoch, k = divmod(g, n)
+            if epoch not in perms:
+                perms.clear()
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            out.append(int(perms[epoch][k]))
+        return out
+
+    def collate(items):
+        return torch.stack([im for im, _ in items]), [t for _, t in items]
+
+    while True:
+        idx = indices(step)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=micro,
+                                             num_workers=num_workers, collate_fn=collate)
+        for images, texts in loader:
+            yield images.to(device, non_blocking=True), texts
+        step += 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -152,40 +152,6 @@ def autocast(cfg: TrainConfig, device: str):
     return torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dt])
 
 
-def batches(dataset, cfg: TrainConfig, rank: int, world: int, start_step: int, device: str):
-    """Yields this process's micro-batches, (images, captions), for optimizer steps start_step, start_step+1, ...
-    The global order is a fixed function of (seed, step): a permutation of the dataset per epoch, step s
-    taking the s-th slice of batch_size; process r takes its contiguous part. So a resumed run, a run on
-    2 processes and a run on 1 process with the doubled batch all see the same images at the same step."""
-    n, per_proc = len(dataset), cfg.batch_size // world
-    micro = per_proc // cfg.grad_accum
-    step = start_step
-
-    perms = {}                                                    # epoch -> permutation (cached)
-
-    def indices(s):
-        first = s * cfg.batch_size + rank * per_proc
-        out = []
-        for g in range(first, first + per_proc):
-            epoch, k = divmod(g, n)
-            if epoch not in perms:
-                perms.clear()
-                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            out.append(int(perms[epoch][k]))
-        return out
-
-    def collate(items):
-        return torch.stack([im for im, _ in items]), [t for _, t in items]
-
-    while True:
-        idx = indices(step)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=micro,
-                                             num_workers=cfg.num_workers, collate_fn=collate)
-        for images, texts in loader:
-            yield images.to(device, non_blocking=True), texts
-        step += 1
-
-
 def lr_at(step: int, cfg: TrainConfig, base_lr: float, steps: int) -> float:
     """Linear warm-up, then cosine decay to min_lr_frac * lr (nanoGPT) or constant. 5.1 states no schedule."""
     if step < cfg.warmup:
@@ -276,7 +242,7 @@ def step_generator(cfg: TrainConfig, step: int) -> torch.Generator:
 
 
 def micro_slice(cfg: TrainConfig, rank: int, world: int, k: int) -> slice:
-    """Where micro-batch k of this process sits in the global batch (the layout batches() yields)."""
+    """Where micro-batch k of this process sits in the global batch (the layout data.batches yields)."""
     per_proc = cfg.batch_size // world
     micro = per_proc // cfg.grad_accum
     return slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
@@ -285,7 +251,8 @@ def micro_slice(cfg: TrainConfig, rank: int, world: int, k: int) -> slice:
 def stage_data(cfg: TrainConfig, rank: int, world: int, start: int, device: str):
     """(dataset, batch stream from step `start`, Log) for cfg.stage."""
     dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
-    return dataset, batches(dataset, cfg, rank, world, start, device), config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+    stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device, cfg.num_workers)
+    return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
 
 
 def due(step: int, every: int, cfg: TrainConfig) -> bool:
