@@ -184,9 +184,13 @@ def write_text(path: str, text: str) -> None:
     """Atomic, through a temp file of this process: two writers never share a temp file, and a reader never
     sees half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -246,7 +250,7 @@ def need(package: str, pip_name: str):
 
 def run_cli(main) -> None:
     """Every script's entry point: bad input (ValueError, FileNotFoundError) and a diverged run (FloatingPointError,
-    train.Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
+    Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
     traceback. main() itself still raises, for callers and tests."""
     try:
         main()
