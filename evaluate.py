@@ -151,8 +151,8 @@ def keep_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float
 
 
 @torch.no_grad()
-def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, threshold: float = P.PluginConfig.edge_threshold,
-            return_images: bool = False):
+def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict,
+                   threshold: float = P.PluginConfig.edge_threshold, return_images: bool = False):
     """One plugin's metrics for one pipeline and sampler (kw), on the held-out set ev:
       lora:    style (fraction read as outlined), colour/background/shape accuracy, for the style prompts
       adapter: edge IoU with the condition edges, colour/background accuracy
@@ -174,7 +174,7 @@ def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict, thre
                    **{k: res[k] for k in ("color", "background", "shape")}}
         elif kind == "inpaint":
             res, imgs = evaluate_t2i(pipe, ev["inpaint_prompts"], init=ev["images"], mask=ev["mask"],
-                                              paste=False, **kw)
+                                     paste=False, **kw)
             out = {"keep_psnr": keep_psnr(imgs, ev["images"].cpu(), ev["mask"].cpu()),
                    "cell_psnr": keep_psnr(imgs, ev["images"].cpu(), cell_mask(ev["mask"].cpu(), pipe.vae.cfg.factor)),
                    **{k: res[k] for k in ("color", "background", "shape")}}
@@ -296,10 +296,11 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(ckpt: str, prompts: list[str], batch: int, seed: int, sample_kw: dict) -> dict:
-    """What fixes every image of a generation folder: the checkpoint's bytes, the prompts, the seeding (seed and
-    batch: batch i is seeded seed + i) and the sampler settings. Saved as fingerprint.json beside the images."""
-    return {"ckpt_sha256": file_sha256(ckpt), "n": len(prompts), "seed": seed, "batch": batch,
+def run_fingerprint(ckpt_sha256: str, prompts: list[str], batch: int, seed: int, sample_kw: dict) -> dict:
+    """What fixes every image of a generation folder: the checkpoint's bytes (their SHA-256, file_sha256), the
+    prompts, the seeding (seed and batch: batch i is seeded seed + i) and the sampler settings. Saved as
+    fingerprint.json beside the images."""
+    return {"ckpt_sha256": ckpt_sha256, "n": len(prompts), "seed": seed, "batch": batch,
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
             "sampling": {k: v for k, v in sorted(sample_kw.items())}}
 
@@ -400,34 +401,49 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def evaluate_cli(args, guidance: float | None = None) -> dict:
-    """Generate for --prompts (or the tiny held-out prompts) with --sampler (its CFG scale replaced by
-    `guidance` if given), then every metric available."""
+def eval_setup(args) -> dict:
+    """What every run of evaluate_cli on one checkpoint shares, done once per command (a guidance sweep
+    reuses it for every scale): the pipeline, the prompts, the checkpoint's hash, and the real images the
+    Frechet distances compare against (--ref_dir, else the tiny held-out images)."""
     pipe = S.Pipeline.from_checkpoint(args.ckpt)
     tiny = args.prompts is None
-    cfg = argparse.Namespace(data="shapes", resolution=pipe.resolution, eval_images=128)
     if tiny:                                                      # synthetic shapes: checker + pixel Frechet
-        prompts = heldout_prompts(cfg, args.n or cfg.eval_images)
+        cfg = argparse.Namespace(data="shapes", resolution=pipe.resolution)
+        prompts = heldout_prompts(cfg, args.n or 128)
+        real = heldout_images(cfg, len(prompts))
     else:
-        prompts = read_prompts(args.prompts)[:args.n or None]
+        prompts, real = read_prompts(args.prompts)[:args.n or None], None
+    refs = list_images(args.ref_dir) if args.ref_dir else None
+    if refs:
+        real = load_folder(refs, size=pipe.resolution).float() / 127.5 - 1
+    return {"pipe": pipe, "prompts": prompts, "tiny": tiny, "real": real, "refs": refs,
+            "ckpt_sha256": file_sha256(args.ckpt)}
+
+
+def evaluate_cli(args, guidance: float | None = None, setup: dict | None = None) -> dict:
+    """Generate for --prompts (or the tiny held-out prompts) with --sampler (its CFG scale replaced by
+    `guidance` if given), then every metric available. `setup`: eval_setup(args), made here if not given."""
+    setup = setup or eval_setup(args)
+    pipe, prompts = setup["pipe"], setup["prompts"]
     kw = {**S.SAMPLING[args.sampler], **({} if guidance is None else {"guidance_scale": guidance})}
     name = f"eval_{args.sampler}" + ("" if guidance is None else f"_cfg{guidance:g}")
-    folder = os.path.join(args.out_dir, name) if args.out_dir and guidance is not None else \
-        args.out_dir or os.path.join(os.path.dirname(args.ckpt), name)
+    if guidance is None:                                          # one folder: --out_dir itself
+        folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), name)
+    else:                                                         # a sweep: one folder per scale under --out_dir
+        folder = os.path.join(args.out_dir or os.path.dirname(args.ckpt), name)
     t0 = time.perf_counter()
-    fp = run_fingerprint(args.ckpt, prompts, args.batch, args.seed, kw)
+    fp = run_fingerprint(setup["ckpt_sha256"], prompts, args.batch, args.seed, kw)
     paths = generate(pipe, prompts, folder, args.batch, args.seed, fingerprint=fp, overwrite=args.overwrite, **kw)
     result = {"sampler": args.sampler, "guidance_scale": kw.get("guidance_scale", 1.0), "n": len(paths), "images": folder}
     images = load_folder(paths).float() / 127.5 - 1                  # [-1, 1], as the checker reads them
-    if tiny:
+    if setup["tiny"]:
         result.update(data.attribute_accuracy(images, prompts))
-        result["fd_pixels"] = pixel_fd(images, heldout_images(cfg, len(prompts)))
-    if args.ref_dir:
-        refs = list_images(args.ref_dir)
-        result["fd_pixels"] = pixel_fd(images, load_folder(refs, size=pipe.resolution).float() / 127.5 - 1)
-        if args.inception_weights or not args.no_fid:
-            result["fid"] = data.frechet_distance(inception_features(paths, args.inception_weights),
-                                                  inception_features(refs, args.inception_weights))
+    if setup["real"] is not None:
+        result["fd_pixels"] = pixel_fd(images, setup["real"])
+    if setup["refs"] and (args.inception_weights or not args.no_fid):
+        if "ref_features" not in setup:                           # once per command, not once per scale
+            setup["ref_features"] = inception_features(setup["refs"], args.inception_weights)
+        result["fid"] = data.frechet_distance(inception_features(paths, args.inception_weights), setup["ref_features"])
     if args.clip_weights:
         result["clip_score"] = clip_score(paths, prompts, args.clip_model, args.clip_weights)
     result["wall_s"] = time.perf_counter() - t0
@@ -487,7 +503,8 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> None:
 def guidance_sweep(args, scales: list[float]) -> list[dict]:
     """5.2: the same prompts and seeds sampled at each CFG scale; writes guidance_<sampler>.json / .md / .png
     next to the per-scale image folders (<out_dir or ckpt dir>/eval_<sampler>_cfg<s>/)."""
-    rows = [evaluate_cli(args, guidance=g) for g in scales]
+    setup = eval_setup(args)
+    rows = [evaluate_cli(args, guidance=g, setup=setup) for g in scales]
     out = args.out_dir or os.path.dirname(args.ckpt)
     stem = os.path.join(out, f"guidance_{args.sampler}")
     config.write_json(stem + ".json", {"ckpt": args.ckpt, "sampler": args.sampler, "rows": rows})

@@ -509,8 +509,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     t0, seen = time.time(), 0
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
-        # Per-step randomness for the *global* batch from (seed, step); each process takes its slice. So the
-        # trajectory does not depend on the number of processes, and a resumed run repeats it bit for bit.
+        # t, noise and caption dropout for the *global* batch; this process takes its slice (step_generator).
         g = step_generator(cfg, step)
         t_all = torch.randint(0, len(sched["alpha"]), (cfg.batch_size,), generator=g)
         eps_all = torch.randn((cfg.batch_size, *lat), generator=g)
@@ -773,7 +772,7 @@ def train_plugin(cfg, pcfg: P.PluginConfig, rank: int, world: int, device: str) 
     t0 = time.time()
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
-        # The global batch's randomness from (seed, step), each process taking its slice (as the diffusion stage).
+        # t, caption dropout and noise for the *global* batch, as in the diffusion stage (step_generator).
         g = step_generator(cfg, step)
         t_all = torch.randint(0, len(sched["alpha"]), (cfg.batch_size,), generator=g)
         drop_all = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond
