@@ -276,6 +276,19 @@ class ImageFolder(torch.utils.data.Dataset):
         raise ValueError(f"data folder {self.root!r}: none of its {len(self.items)} images could be read")
 
 
+class Latents(torch.utils.data.Dataset):
+    """A fixed training set kept as VAE latents: item i is (latent (c, h, w), caption) (train.encode_dataset)."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]):
+        self.latents, self.captions = latents, captions
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        return self.latents[i], self.captions[i]
+
+
 def make_dataset(data: str, split: str, resolution: int, style: str = "plain"):
     """'shapes' -> the synthetic dataset; anything else is an image folder path."""
     if data == "shapes":

@@ -39,10 +39,9 @@ import vae as vae_lib
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: vae_lib.VAE, images: torch.Tensor, batch: int = 64) -> float:
-    out = [vae_lib.psnr(model.decode(model.encode(images[i:i + batch]).mode()), images[i:i + batch])
-           for i in range(0, len(images), batch)]
-    return float(torch.cat(out).mean())
+def reconstruct(model: vae_lib.VAE, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """decode(encode(x).mode()), batched: (N, 3, H, W) -> (N, 3, H, W)."""
+    return torch.cat([model.decode(model.encode(images[i:i + batch]).mode()) for i in range(0, len(images), batch)])
 
 
 def heldout_images(cfg, n: int) -> torch.Tensor:
@@ -189,21 +188,66 @@ def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict,
 # End-of-stage reports (train.py calls these on rank 0) and loss curves
 # ----------------------------------------------------------------------------------------------------
 
+_PEAK = {}
+
+
+@torch.no_grad()
+def matmul_peak(device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n fp32 matmul on `device`, best of `repeats` (measured once per process): the practical
+    peak the stages' throughput is compared with (2 cores here: about 137 GFLOP/s, docs/results.md)."""
+    if device not in _PEAK:
+        a = torch.randn(n, n, device=device)
+        best = float("inf")
+        for _ in range(repeats + 1):                              # the first run warms up
+            t0 = time.perf_counter()
+            (a @ a).sum().item()
+            best = min(best, time.perf_counter() - t0)
+        _PEAK[device] = 2 * n ** 3 / best / 1e9
+    return _PEAK[device]
+
+
+def throughput_report(cfg, steps: int, seconds: float, flops_per_image: float, device: str) -> dict:
+    """A stage's time and speed, printed and kept in out_dir/times.json: images/s (cfg.batch_size per step) and
+    the compute rate, flops_per_image (the stage's count from MACs: a forward is 2 FLOPs per MAC, a backward
+    twice that) times images/s, as a fraction of matmul_peak. Element-wise ops (norms, activations, the
+    optimiser) are not counted, as in count_macs: the fraction is of useful matmul/conv work."""
+    ips = steps * cfg.batch_size / max(seconds, 1e-9)
+    gflops = flops_per_image * ips / 1e9
+    peak = matmul_peak(device.split(":")[0] if device.startswith("cpu") else device)
+    res = {"steps": steps, "minutes": seconds / 60, "images_per_s": ips, "gflop_per_s": gflops,
+           "peak_gflop_per_s": peak, "peak_fraction": gflops / peak}
+    print(f"{cfg.stage}: {steps} steps in {seconds / 60:.1f} min, {ips:.0f} images/s, ~{gflops:.0f} GFLOP/s = "
+          f"{100 * gflops / peak:.0f}% of this machine's {peak:.0f} GFLOP/s matmul peak")
+    path = os.path.join(cfg.out_dir, "times.json")
+    obj = json.load(open(path)) if os.path.isfile(path) else {}
+    obj[cfg.stage] = res
+    config.write_json(path, obj)
+    return res
+
+
 @torch.no_grad()
 def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     """End of the vae stage (teacher None) or the decoder stage (teacher: the full VAE): held-out PSNR, printed and
     written to <stage>_eval.json (cfg.out_dir, cfg.stage, cfg.steps, cfg.eval_images), and the Figure 3 grid."""
     held = heldout_images(cfg, cfg.eval_images).to(device)
-    p = reconstruction_psnr(model, held)
+    prompts = heldout_prompts(cfg, cfg.eval_images)
+    recon = reconstruct(model, held)
+    p = float(vae_lib.psnr(recon, held).mean())
+    # The checker on reconstructions: what a perfect diffusion model could reach through this decoder.
+    acc = {k: v for k, v in data.attribute_accuracy(recon.cpu(), prompts).items() if k != "style"}
+    checked = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
     if teacher is None:
-        report = {"psnr_heldout_db": p, "scaling_factor": model.cfg.scaling_factor, "minutes": minutes}
-        print(f"vae: {cfg.steps} steps in {minutes:.1f} min; held-out reconstruction PSNR {p:.2f} dB; "
-              f"latent scaling factor {model.cfg.scaling_factor:.4f}")
+        report = {"psnr_heldout_db": p, "checker": acc, "scaling_factor": model.cfg.scaling_factor, "minutes": minutes}
+        print(f"vae: held-out reconstruction PSNR {p:.2f} dB, checker "
+              f"{checked}; latent scaling factor {model.cfg.scaling_factor:.4f}")
     else:
-        p_full = reconstruction_psnr(teacher, held)
-        report = {"psnr_full_db": p_full, "psnr_light_db": p, "minutes": minutes}
-        print(f"decoder: {cfg.steps} steps in {minutes:.1f} min; held-out PSNR full {p_full:.2f} dB, "
-              f"light {p:.2f} dB ({p - p_full:+.2f} dB)")
+        full = reconstruct(teacher, held)
+        p_full = float(vae_lib.psnr(full, held).mean())
+        acc_full = {k: v for k, v in data.attribute_accuracy(full.cpu(), prompts).items() if k != "style"}
+        report = {"psnr_full_db": p_full, "psnr_light_db": p, "checker_full": acc_full, "checker_light": acc,
+                  "minutes": minutes}
+        print(f"decoder: held-out PSNR full {p_full:.2f} dB, "
+              f"light {p:.2f} dB ({p - p_full:+.2f} dB); checker on light reconstructions {checked}")
     config.write_json(os.path.join(cfg.out_dir, f"{cfg.stage}_eval.json"), report)
     save_recon_grid(cfg, [m for m in (teacher, model) if m is not None], os.path.join(cfg.out_dir, f"{cfg.stage}_recon.png"))
     return report

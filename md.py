@@ -515,9 +515,10 @@ TEXT_PRESETS = {
     # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet
     # (the paper's CLIP is frozen, but a frozen *random* encoder spreads each colour word over 3-6 byte
     # positions of a random mixing, a harder read-out for the UNet; docs/results.md has the ablation).
-    # `--text_train false` reruns the frozen variant.
-    "tiny": TextConfig(tokenizer="bytes", vocab_size=259, width=128, layers=2, heads=4, bos_id=256, eos_id=257,
-                       pad_id=258, train=True),
+    # `--text_train false` reruns the frozen variant. 64 tokens: the longest caption ("... in outlined style")
+    # is 60 with <start>/<end>, and CLIP's 77 would spend a fifth of the text and cross-attention work on padding.
+    "tiny": TextConfig(tokenizer="bytes", vocab_size=259, max_len=64, width=128, layers=2, heads=4, bos_id=256,
+                       eos_id=257, pad_id=258, train=True),
 }
 
 

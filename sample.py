@@ -78,6 +78,17 @@ def v_target(sched: dict, x0, t, eps) -> torch.Tensor:
     return _at(sched["alpha"], t, x0) * eps - _at(sched["sigma"], t, x0) * x0
 
 
+def v_loss_weight(sched: dict, t: torch.Tensor, min_snr: float, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of the v-MSE: 1 (plain v-prediction, min_snr = 0), or min-SNR-gamma (Hang et al. 2023)
+    in its v form min(SNR_t + 1, gamma) / (SNR_t + 1) = min(1, gamma sigma_t^2): the easy low-noise steps
+    (SNR_t + 1 > gamma) are down-weighted so they stop dominating the gradient. (The paper's printed form,
+    min(SNR, gamma) / (SNR + 1), is 0 at t = T, where zero terminal SNR puts the step that chooses colour
+    and layout; the +1 keeps it at 1.)"""
+    if min_snr <= 0:
+        return torch.ones_like(_at(sched["sigma"], t, like))
+    return (min_snr * _at(sched["sigma"], t, like).square()).clamp(max=1.0)
+
+
 def x0_from_v(sched: dict, x_t, t, v) -> torch.Tensor:
     """x_0 = alpha_t x_t - sigma_t v (exact for alpha^2 + sigma^2 = 1)."""
     return _at(sched["alpha"], t, x_t) * x_t - _at(sched["sigma"], t, x_t) * v

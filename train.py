@@ -12,7 +12,7 @@ Stages (--stage):
   distill   abstract: 8-step student distilled from the guided DDIM-50 teacher (target in ufogen.py)
   lora      5.4: a style LoRA on the frozen base model, from a small style set (plugins.py)
   adapter   5.4: a T2I-Adapter for edge maps on the frozen base model (plugins.py)
-  all       (default) the tiny end-to-end run on synthetic data, on CPU: vae, decoder, diffusion, ufogen
+  all       (default) the tiny end-to-end run on synthetic data, on CPU: vae, decoder, diffusion, ufogen, distill
 
 Tiny (CPU, minutes):     python train.py
 One stage:               python train.py --stage vae --steps 2000
@@ -53,7 +53,7 @@ class TrainConfig:
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
     data: str = "shapes"             # "shapes" (synthetic) or an image folder (metadata.jsonl or .txt sidecars)
     style: str = ""                  # shapes' style: plain | outlined | mixed; "" = the stage's (STAGE_STYLE)
-    resolution: int = 64             # training resolution in px (5.1: 256 then 512)
+    resolution: int = 32             # training resolution in px (5.1: 256 then 512; tiny: 32, an 8x8 latent)
     batch_size: int = 0              # per optimizer step, summed over processes and accumulation; 0 = stage default
     grad_accum: int = 1              # micro-steps per optimizer step
     steps: int = 0                   # optimizer steps of this stage; 0 = the stage's tiny default
@@ -76,6 +76,11 @@ class TrainConfig:
     text_encoder: str = ""           # diffusion: a local Hugging Face CLIP folder (3: CLIP-ViT/L14, frozen);
                                      # empty = the preset's own (tiny: byte-level, trained jointly)
     p_uncond: float = 0.1            # classifier-free guidance: fraction of captions dropped to "" in training
+    min_snr: float = 5.0             # diffusion loss weighting: 0 = plain v-MSE; gamma > 0 = min-SNR-gamma (5.1
+                                     # names none; 5 is Hang et al.'s gamma; the tiny run's ablation: docs/results.md)
+    train_images: int = -1           # diffusion, ufogen, distill: N = a fixed set of the first N training images,
+                                     # VAE-encoded once and kept as latents; 0 = fresh images every step;
+                                     # -1 = auto: 8192 for the synthetic shapes if the stage sees more, else 0
     ema_decay: float = 0.999         # EMA of the trained weights (paper scale: 0.9999)
     guidance: float = 3.0            # 5.2: CFG scale ~3 for the evaluation samples
     eval_steps: int = 50             # 5.2: DDIM 50 steps for the evaluation
@@ -90,27 +95,54 @@ class TrainConfig:
 
 
 STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")
+ALL_STAGES = STAGES[:5]              # --stage all, the tiny end-to-end run; the 5.4 plugins are their own commands
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run (times: docs/results.md)
-    "vae": (850, 1e-3, 16),
-    "decoder": (500, 1e-3, 16),
-    "diffusion": (1150, 1e-3, 32),   # 5.1: AdamW lr 1e-3
-    "ufogen": (600, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D
-    "distill": (300, 1e-4, 16),
+    "vae": (600, 1e-3, 16),
+    "decoder": (250, 1e-3, 16),
+    "diffusion": (600, 1e-3, 32),    # 5.1: AdamW lr 1e-3
+    "ufogen": (200, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D
+    "distill": (150, 1e-4, 16),
     "lora": (2000, 3e-3, 16),        # 5.4: the LoRA needs longer than the adapter at this scale (docs/results.md)
     "adapter": (800, 2e-3, 16),
 }
 
+
+# The stages that can train on cached latents (TrainConfig.train_images), and the auto size: the tiny diffusion
+# stage draws 600 x 32 = 19200 images; a fixed set of 8192, each seen 2-3 times, is 8192 VAE encodes instead.
+CACHED_STAGES = ("diffusion", "ufogen", "distill")
+AUTO_TRAIN_IMAGES = 8192
 
 # Which synthetic pictures each stage sees: plain shapes, except the 5.4 style LoRA's small style set. So the
 # outlined style is new to the diffusion model and to everything distilled from it until the LoRA adds it.
 STAGE_STYLE = {"lora": "outlined"}
 
 
+# Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
+# on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
+# estimate the run prints at its start.
+STAGE_MINUTES = {"vae": 2.35, "decoder": 0.45, "diffusion": 3.8, "ufogen": 2.05, "distill": 1.0}
+REFERENCE_GFLOPS = 146.0
+
+
+def estimate_minutes(cfg: "TrainConfig", device: str) -> str:
+    """The default run's expected length on this machine, from STAGE_MINUTES (the defaults' steps; longer
+    --steps scale it)."""
+    peak = evaluate.matmul_peak(device.split(":")[0] if device.startswith("cpu") else device)
+    scale = REFERENCE_GFLOPS / peak if device.startswith("cpu") else float("nan")
+    per = {st: m * (cfg.steps or STAGE_DEFAULTS[st][0]) / STAGE_DEFAULTS[st][0] * scale for st, m in STAGE_MINUTES.items()}
+    return (f"estimated total: {sum(per.values()):.1f} min on this CPU (matmul peak {peak:.0f} GFLOP/s; "
+            + ", ".join(f"{st} {m:.1f}" for st, m in per.items()) + ")")
+
+
 def stage_config(cfg: "TrainConfig", stage: str) -> "TrainConfig":
     """cfg for one stage, its zero/empty fields (steps, lr, batch_size, style) filled with the stage's defaults."""
     steps, lr, batch = STAGE_DEFAULTS[stage]
-    return dataclasses.replace(cfg, stage=stage, steps=cfg.steps or steps, lr=cfg.lr or lr,
-                               batch_size=cfg.batch_size or batch, style=cfg.style or STAGE_STYLE.get(stage, "plain"))
+    cfg = dataclasses.replace(cfg, stage=stage, steps=cfg.steps or steps, lr=cfg.lr or lr,
+                              batch_size=cfg.batch_size or batch, style=cfg.style or STAGE_STYLE.get(stage, "plain"))
+    if cfg.train_images < 0:         # auto, resolved here so that the checkpoint records what the stage used
+        auto = cfg.data == "shapes" and stage in CACHED_STAGES and cfg.steps * cfg.batch_size > AUTO_TRAIN_IMAGES
+        cfg = dataclasses.replace(cfg, train_images=AUTO_TRAIN_IMAGES if auto else 0)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,11 +280,54 @@ def micro_slice(cfg: TrainConfig, rank: int, world: int, k: int) -> slice:
     return slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
 
 
-def stage_data(cfg: TrainConfig, rank: int, world: int, start: int, device: str):
-    """(dataset, batch stream from step `start`, Log) for cfg.stage."""
+def stage_data(cfg: TrainConfig, rank: int, world: int, start: int, device: str, vae=None):
+    """(dataset, batch stream from step `start`, Log) for cfg.stage. Given the stage's frozen `vae` and
+    cfg.train_images = N, the dataset is the first N training images as latents, encoded once (the stream then
+    yields latents, not images; see to_latents)."""
     dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
+    if vae is not None and cfg.train_images > 0:
+        dataset = encode_dataset(dataset, cfg.train_images, vae, device)
     stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device, cfg.num_workers)
     return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+
+
+@torch.no_grad()
+def encode_dataset(dataset, n: int, vae, device: str, batch: int = 256) -> data.Latents:
+    """The first n items as (scaled posterior-mean latent, caption) pairs: the VAE runs once per image instead
+    of once per step, and the images are rendered or decoded from disk once."""
+    latents, captions = [], []
+    for i in range(0, min(n, len(dataset)), batch):
+        items = [dataset[j] for j in range(i, min(i + batch, n, len(dataset)))]
+        x = torch.stack([im for im, _ in items]).to(device)
+        latents.append((vae.encode(x).mode() * vae.cfg.scaling_factor).cpu())
+        captions += [c for _, c in items]
+    return data.Latents(torch.cat(latents), captions)
+
+
+def to_latents(x: torch.Tensor, vae, cached: bool) -> torch.Tensor:
+    """A batch from stage_data as diffusion latents (B, c, H/f, W/f): encoded here (posterior mean, not a
+    sample: deterministic; the posterior std is tiny anyway), or already encoded (`cached`: cfg.train_images)."""
+    if cached:
+        return x
+    with torch.no_grad():
+        return vae.encode(x).mode() * vae.cfg.scaling_factor
+
+
+@torch.no_grad()
+def forward_macs(model, *inputs) -> float:
+    """MACs of one forward on these (batch-1) inputs: the unit of each stage's throughput report."""
+    return float(md.count_macs(model, *inputs))
+
+
+def one_latent(cfg: TrainConfig, vae, device: str) -> torch.Tensor:
+    """A zero latent (1, c, H/f, W/f) of this run's resolution, for forward_macs."""
+    f = vae.cfg.factor
+    return torch.zeros(1, vae.cfg.latent_channels, cfg.resolution // f, cfg.resolution // f, device=device)
+
+
+def speed_report(cfg: TrainConfig, start: int, t0: float, device: str, flops_per_image: float) -> None:
+    """The stage's time, images/s and fraction of the machine's peak (evaluate.throughput_report)."""
+    evaluate.throughput_report(cfg, cfg.steps - start, time.time() - t0, flops_per_image, device)
 
 
 def due(step: int, every: int, cfg: TrainConfig) -> bool:
@@ -318,13 +393,13 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
                     g_loss = vae_lib.g_hinge_loss(dnet(recon))
                     w = vcfg.disc_weight * vae_lib.adaptive_weight(rec, g_loss, last_layer)
                     loss = loss + w * g_loss
-                    m["g_adv"] = float(g_loss)
+                    m["g_adv"] = float(g_loss.detach())
             (loss / cfg.grad_accum).backward()
             if use_disc:                                          # D: real images vs (detached) reconstructions
                 with autocast(cfg, device):
                     d_loss = vae_lib.d_hinge_loss(dnet(x), dnet(recon.detach()))
                 (d_loss / cfg.grad_accum).backward()
-                m["d_loss"] = float(d_loss)
+                m["d_loss"] = float(d_loss.detach())
         m.update(loss=float(loss.detach()), l2=float(vae_lib.l2_loss(recon.detach(), x)), kl=float(kl.detach()), lr=lr)
         clip_and_step(model.parameters(), opt, cfg, step)
         if use_disc:
@@ -344,6 +419,8 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
             evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
     log.close()
     if rank == 0:
+        x1 = torch.zeros(1, vcfg.in_channels, cfg.resolution, cfg.resolution, device=device)
+        speed_report(cfg, start, t0, device, 6 * forward_macs(model, x1))          # VAE forward + backward
         evaluate.vae_report(cfg, model, (time.time() - t0) / 60, device)
         evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, "loss_vae.png"), "vae", ["loss", "l2", "kl", "d_loss"])
     return ckpt_path
@@ -405,7 +482,7 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
                 with autocast(cfg, device):
                     d_loss = vae_lib.d_hinge_loss(dnet(x), dnet(light.detach()))
                 (d_loss / cfg.grad_accum).backward()
-                m["d_loss"] = float(d_loss)
+                m["d_loss"] = float(d_loss.detach())
         m.update(loss=float(loss.detach()), l2=float(vae_lib.l2_loss(light.detach(), x)), lr=lr)
         clip_and_step(trainable, opt, cfg, step)
         if use_disc:
@@ -419,6 +496,9 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
                                                    "train": dataclasses.asdict(cfg)}})
     log.close()
     if rank == 0:
+        x1 = torch.zeros(1, light_cfg.in_channels, cfg.resolution, cfg.resolution, device=device)
+        z1 = teacher.encode(x1).mode()
+        speed_report(cfg, start, t0, device, 2 * forward_macs(teacher, x1) + 6 * forward_macs(model.decoder, z1))
         evaluate.vae_report(cfg, model.eval(), (time.time() - t0) / 60, device, teacher=teacher)
         evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, "loss_decoder.png"), "decoder", ["loss", "l2", "d_loss"])
     return ckpt_path
@@ -460,12 +540,12 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p.detach(), 1 - decay)
 
 
-def describe(model: S.Denoiser, resolution: int, device: str) -> None:
+def describe(model: S.Denoiser, cfg: TrainConfig, vae, device: str) -> None:
     c, n = model.unet.cfg, md.count_params(model.unet)
-    x, t = torch.zeros(1, c.in_channels, resolution // 8, resolution // 8, device=device), torch.zeros(1, device=device)
-    macs = md.count_macs(model.unet, x, t, torch.zeros(1, 77, c.context_dim, device=device))
+    x, t = one_latent(cfg, vae, device), torch.zeros(1, device=device)
+    macs = md.count_macs(model.unet, x, t, torch.zeros(1, model.text.cfg.max_len, c.context_dim, device=device))
     print(f"diffusion: UNet {n / 1e6:.1f}M params (+{sum(p.numel() for p in model.text.parameters() if p.requires_grad) / 1e6:.2f}M "
-          f"trained text encoder), {macs / 1e9:.2f} GMACs/eval at {resolution}px")
+          f"trained text encoder), {macs / 1e9:.3f} GMACs/eval at {cfg.resolution}px ({tuple(x.shape[1:])} latent)")
 
 
 def init_denoiser(model: S.Denoiser, path: str, unet_cfg: md.UNetConfig) -> None:
@@ -501,9 +581,9 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         torch.set_rng_state(ck["rng"]["torch"])                   # (the noise itself comes from (seed, step))
         start = restore(ck, opt=opt)
     if rank == 0:
-        describe(model, cfg.resolution, device)
+        describe(model, cfg, vae, device)
     net = wrap(model, cfg, world, device)
-    dataset, stream, log = stage_data(cfg, rank, world, start, device)
+    dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     lat = (unet_cfg.in_channels, cfg.resolution // vae.cfg.factor, cfg.resolution // vae.cfg.factor)
     grid_prompts = evaluate.heldout_prompts(cfg, 8) + [dataset[i][1] for i in range(8)] if cfg.data == "shapes" else None
     t0, seen = time.time(), 0
@@ -520,13 +600,12 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             sl = micro_slice(cfg, rank, world, k)
             t, eps, drop = t_all[sl].to(device), eps_all[sl].to(device), drop_all[sl]
             texts = ["" if d else c for c, d in zip(texts, drop.tolist())]      # CFG: the empty prompt
-            with torch.no_grad():
-                # Posterior mean, not a sample: deterministic latents (the VAE's posterior std is tiny anyway).
-                z0 = vae.encode(x).mode() * vae.cfg.scaling_factor        # (B, c, H/8, W/8), ~unit variance
+            z0 = to_latents(x, vae, isinstance(dataset, data.Latents))          # (B, c, H/f, W/f), ~unit var.
             ids = text.tokenizer(texts).to(device)
             with autocast(cfg, device):
                 x_t = S.q_sample(sched, z0, t, eps)
-                loss = torch.nn.functional.mse_loss(net(x_t, t, ids).float(), S.v_target(sched, z0, t, eps))
+                err = (net(x_t, t, ids).float() - S.v_target(sched, z0, t, eps)).square()
+                loss = (S.v_loss_weight(sched, t, cfg.min_snr, err) * err).mean()
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
         if world > 1:                                             # log the global mean loss
@@ -552,8 +631,9 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             model.train()
     log.close()
     if rank == 0:
-        print(f"diffusion: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min, "
-              f"{seen / (time.time() - t0):.1f} images/s")
+        ids1 = text.tokenizer(["a red circle on a blue background"]).to(device)
+        speed_report(cfg, start, t0, device, 6 * forward_macs(model, torch.zeros(1, *lat, device=device),
+                                                              torch.zeros(1, dtype=torch.long, device=device), ids1))
         evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, "loss_diffusion.png"), "diffusion", ["loss"])
         if cfg.data == "shapes":
             evaluate.diffusion_report(cfg, S.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution))
@@ -571,12 +651,10 @@ def null_context(text) -> torch.Tensor:
     return text([""])
 
 
-def latent_batch(x, texts, vae, text, device):
-    """Data latents (posterior mean, scaled) and frozen text contexts for the post-training stages."""
+def latent_batch(x, texts, vae, text, cached: bool):
+    """Data latents (to_latents) and frozen text contexts for the post-training stages."""
     with torch.no_grad():
-        z0 = vae.encode(x).mode() * vae.cfg.scaling_factor
-        ctx = text(texts)
-    return z0, ctx
+        return to_latents(x, vae, cached), text(texts)
 
 
 def save_generator(path: str, step: int, gen: torch.nn.Module, gen_ema: torch.nn.Module, text, vae, cfg, extra: dict):
@@ -622,7 +700,7 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
         print(f"ufogen: recon={ucfg.recon}, {'LoRA rank ' + str(ucfg.lora_rank) if ucfg.lora_rank else 'full finetuning'} "
               f"({n / 1e6:.2f}M trained G params), D {md.count_params(disc) / 1e6:.1f}M, gap {ucfg.gap}")
     g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
-    dataset, stream, log = stage_data(cfg, rank, world, start, device)
+    dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     null, t0 = null_context(text), time.time()                                        # for a guided target
     for step in range(start, cfg.steps):
         g = step_generator(cfg, step)
@@ -631,7 +709,7 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
         m = {}
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
-            z0, ctx = latent_batch(x, texts, vae, text, device)
+            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))
             uncond = null.expand(ctx.shape[0], -1, -1)
             sl = micro_slice(cfg, rank, world, k)
             t = t_all[sl].to(device)
@@ -676,7 +754,9 @@ def train_ufogen(cfg: TrainConfig, ucfg, rank: int, world: int, device: str) -> 
                 "config": {**base_conf, "train": dataclasses.asdict(cfg), "ufogen": dataclasses.asdict(ucfg)}})
     log.close()
     if rank == 0:
-        print(f"ufogen: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
+        # G forward + backward (6 G); D forwards real, fake and fake-through-G and backs all three (18 D / d_every).
+        z1, t1, c1 = one_latent(cfg, vae, device), torch.ones(1, dtype=torch.long, device=device), null
+        speed_report(cfg, start, t0, device, 6 * forward_macs(gen, z1, t1, c1) + 18 * forward_macs(disc, z1, t1, c1) / ucfg.d_every)
         evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, ["d_loss", "g_adv", "recon"])
         if cfg.data == "shapes":
             evaluate.one_step_report(cfg, base, ckpt_path, device)
@@ -702,7 +782,7 @@ def train_distill(cfg: TrainConfig, dcfg: U.DistillConfig, rank: int, world: int
         refuse_if_mismatch(ckpt_path, "distillation", ck["config"]["distill"], dcfg)
         start = restore(ck, g_raw=student, g_ema_raw=student_ema, opt_g=opt)
     net = wrap(student, cfg, world, device)
-    dataset, stream, log = stage_data(cfg, rank, world, start, device)
+    dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     null, t0 = null_context(text), time.time()
     for step in range(start, cfg.steps):
         g = step_generator(cfg, step)
@@ -711,7 +791,7 @@ def train_distill(cfg: TrainConfig, dcfg: U.DistillConfig, rank: int, world: int
         lr = set_lr(step, cfg, opt)
         for _ in range(cfg.grad_accum):
             x, texts = next(stream)
-            z0, ctx = latent_batch(x, texts, vae, text, device)
+            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))
             uncond = null.expand(ctx.shape[0], -1, -1)
             tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
             x_t = S.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=g).to(device))
@@ -733,7 +813,9 @@ def train_distill(cfg: TrainConfig, dcfg: U.DistillConfig, rank: int, world: int
                 "config": {**base_conf, "train": dataclasses.asdict(cfg), "distill": dataclasses.asdict(dcfg)}})
     log.close()
     if rank == 0:
-        print(f"distill: {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min")
+        # student forward + backward (6 S); the guided teacher's `sub` DDIM steps, two forwards each (4 sub T).
+        z1, t1, c1 = one_latent(cfg, vae, device), torch.ones(1, dtype=torch.long, device=device), null
+        speed_report(cfg, start, t0, device, (6 + 4 * sub) * forward_macs(student, z1, t1, c1))
         if cfg.data == "shapes":
             evaluate.few_step_report(cfg, S.Pipeline.from_checkpoint(ckpt_path, device), dcfg.target_steps)
     return ckpt_path
@@ -783,7 +865,7 @@ def train_plugin(cfg, pcfg: P.PluginConfig, rank: int, world: int, device: str) 
             sl = micro_slice(cfg, rank, world, k)
             t, eps = t_all[sl].to(device), eps_all[sl].to(device)
             texts = ["" if d else c for c, d in zip(texts, drop_all[sl].tolist())]
-            z0, ctx = latent_batch(x, texts, vae, text, device)
+            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))
             with autocast(cfg, device):
                 x_t = S.q_sample(sched, z0, t, eps)
                 if adapter is None:
@@ -818,7 +900,7 @@ def train_plugin(cfg, pcfg: P.PluginConfig, rank: int, world: int, device: str) 
 # The text encoder is the tiny byte-level one unless --text_encoder gives a local CLIP folder (paper scale).
 PRESETS = {
     name: dict(unet=md.PRESETS[unet], vae=vae_lib.PRESETS[vae], light=vae_lib.PRESETS[light], text=md.TEXT_PRESETS["tiny"],
-               ufogen=U.PRESETS[ufo], distill=U.DistillConfig(), plugin=P.PluginConfig())
+               ufogen=U.PRESETS[ufo], distill=U.DISTILL_PRESETS[ufo], plugin=P.PluginConfig())
     for name, (unet, vae, light, ufo) in {"tiny": ("tiny", "tiny", "tiny-light", "tiny"),
                                           "md": ("md", "md", "md-light", "paper"),
                                           "md-lite": ("md-lite", "md", "md-light", "paper"),
@@ -856,7 +938,8 @@ def validate(cfg: TrainConfig, given: argparse.Namespace) -> None:
     if cfg.resolution <= 0 or cfg.resolution % 8:
         raise ValueError(f"--resolution {cfg.resolution}: expected a positive multiple of 8 (the VAE's f = 8)")
     at_least = {"grad_accum": 1, "log_every": 1, "ckpt_every": 1, "eval_images": 1, "eval_steps": 1, "sample_every": 0,
-                "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "guidance": 0}
+                "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "guidance": 0,
+                "train_images": -1, "min_snr": 0}
     for name, lo in at_least.items():
         if getattr(cfg, name) < lo:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected >= {lo}")
@@ -897,25 +980,38 @@ def main(argv=None):
 
 
 def run_stages(cfg: TrainConfig, args, rank: int, world: int, device: str) -> None:
-    c = preset_configs(cfg, args)
+    c, t_start = preset_configs(cfg, args), time.time()
     if rank == 0:
         print(f"stage {cfg.stage}, preset {cfg.preset}, {world} process(es) on {device}, out_dir {cfg.out_dir}")
     if not cfg.resume:                                          # refuse before any work, not at the third stage
-        for st in ("vae", "decoder", "diffusion", "ufogen") if cfg.stage == "all" else (cfg.stage,):
+        for st in ALL_STAGES if cfg.stage == "all" else (cfg.stage,):
             stage_checkpoint(dataclasses.replace(cfg, stage=st), os.path.join(cfg.out_dir, f"{st}.pt"))
+    if rank == 0 and cfg.stage == "all" and cfg.preset == "tiny" and cfg.data == "shapes":
+        print(estimate_minutes(cfg, device))
+
+    def staged(stage: str) -> TrainConfig:
+        """The stage's config, with the global RNG re-seeded: a stage's random init does not depend on how much
+        randomness the stages before it in this process drew, so `--stage all` trains what separate commands do."""
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        return stage_config(cfg, stage)
+
     if cfg.stage in ("vae", "all"):
-        train_vae(stage_config(cfg, "vae"), c["vae"], rank, world, device)
+        train_vae(staged("vae"), c["vae"], rank, world, device)
     if cfg.stage in ("decoder", "all"):
         teacher = cfg.init_from if cfg.stage == "decoder" and cfg.init_from else os.path.join(cfg.out_dir, "vae.pt")
-        train_decoder(stage_config(cfg, "decoder"), c["light"], teacher, rank, world, device)
+        train_decoder(staged("decoder"), c["light"], teacher, rank, world, device)
     if cfg.stage in ("diffusion", "all"):
-        train_diffusion(stage_config(cfg, "diffusion"), c["unet"], rank, world, device, c["text"])
+        train_diffusion(staged("diffusion"), c["unet"], rank, world, device, c["text"])
     if cfg.stage in ("ufogen", "all"):
-        train_ufogen(stage_config(cfg, "ufogen"), c["ufogen"], rank, world, device)
-    if cfg.stage == "distill":                                  # its own command: not part of the tiny run
-        train_distill(stage_config(cfg, "distill"), c["distill"], rank, world, device)
+        train_ufogen(staged("ufogen"), c["ufogen"], rank, world, device)
+    if cfg.stage in ("distill", "all"):
+        train_distill(staged("distill"), c["distill"], rank, world, device)
+    if rank == 0 and cfg.stage == "all":
+        print(f"total: {(time.time() - t_start) / 60:.1f} min (per stage: {os.path.join(cfg.out_dir, 'times.json')}; "
+              f"held-out numbers: {os.path.join(cfg.out_dir, 'eval.json')})")
     if cfg.stage in ("lora", "adapter"):                        # 5.4 plugins, on the frozen base
-        train_plugin(stage_config(cfg, cfg.stage), c["plugin"], rank, world, device)
+        train_plugin(staged(cfg.stage), c["plugin"], rank, world, device)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,39 @@ def test_generation_folder_of_another_run_is_refused_or_regenerated(tiny_base, t
     after = ev.load_folder([str(tmp_path / f"{i:07d}.png") for i in range(2)])
     assert not torch.equal(after, before)
     assert json.load(open(tmp_path / "fingerprint.json"))["seed"] == 5
+
+
+def test_throughput_report_by_hand(tmp_path, monkeypatch):
+    """images/s = steps x batch / seconds; GFLOP/s = FLOPs per image x images/s; fraction of the (here fixed)
+    matmul peak; each stage's row kept in times.json."""
+    from types import SimpleNamespace
+    monkeypatch.setitem(ev._PEAK, "cpu", 100.0)
+    r = ev.throughput_report(SimpleNamespace(stage="vae", batch_size=16, out_dir=str(tmp_path)), 50, 10.0, 1e9, "cpu")
+    assert r["images_per_s"] == 80 and r["gflop_per_s"] == 80 and r["peak_fraction"] == 0.8 and r["minutes"] == 10 / 60
+    ev.throughput_report(SimpleNamespace(stage="distill", batch_size=4, out_dir=str(tmp_path)), 3, 2.0, 5e8, "cpu")
+    times = json.load(open(tmp_path / "times.json"))
+    assert set(times) == {"vae", "distill"} and times["distill"]["images_per_s"] == 6 and times["vae"] == r
+    assert ev.matmul_peak("cpu") == 100.0
+
+
+def test_vae_report_reads_reconstructions_with_the_checker(tmp_path):
+    """A perfect autoencoder reconstructs every attribute (checker 1.0), a constant one none of the shapes."""
+    from types import SimpleNamespace
+
+    class Fake(torch.nn.Module):
+        def __init__(self, constant):
+            super().__init__()
+            self.w, self.constant, self.cfg = torch.nn.Parameter(torch.zeros(1)), constant, SimpleNamespace(scaling_factor=1.0)
+
+        def encode(self, x):
+            return SimpleNamespace(mode=lambda: x)
+
+        def decode(self, z):
+            return torch.zeros_like(z) + z.mean((0, 2, 3), keepdim=True) if self.constant else z
+
+    cfg = SimpleNamespace(data="shapes", resolution=32, eval_images=16, out_dir=str(tmp_path), stage="vae", steps=1)
+    perfect = ev.vae_report(cfg, Fake(False), 0.1, "cpu")
+    assert perfect["checker"] == {"shape": 1.0, "color": 1.0, "background": 1.0} and perfect["psnr_heldout_db"] > 100
+    flat = ev.vae_report(cfg, Fake(True), 0.1, "cpu")
+    assert flat["checker"]["shape"] < 0.5 and flat["psnr_heldout_db"] < 20
+    assert json.load(open(tmp_path / "vae_eval.json"))["checker"] == flat["checker"]

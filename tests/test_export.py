@@ -41,16 +41,16 @@ def test_export_friendly_ops_equal_originals():
 
 def test_components_io_and_errors(tmp_path):
     unet, vae, text = tiny_pipeline()
-    comps = {c.name: c for c in E.components(unet, vae, text, 64, unet_batch=2)}
+    comps = {c.name: c for c in E.components(unet, vae, text, 32, unet_batch=2)}          # tiny VAE: f = 4
     assert comps["unet"].inputs["sample"].shape == (2, 8, 8, 8)
-    assert comps["unet"].inputs["encoder_hidden_states"].shape == (2, 77, 128)
+    assert comps["unet"].inputs["encoder_hidden_states"].shape == (2, 64, 128)           # tiny text: 64 tokens
     assert comps["text_encoder"].inputs["input_ids"].dtype == torch.int32
     with torch.no_grad():
-        assert comps["decoder"].module(*comps["decoder"].inputs.values()).shape == (1, 3, 64, 64)
-    with pytest.raises(ValueError, match="divisible by the VAE factor 8"):
-        E.components(unet, vae, text, 60)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        E.components(unet, vae, text, 48)                                      # latent 6 is not divisible by 4
+        assert comps["decoder"].module(*comps["decoder"].inputs.values()).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="divisible by the VAE factor 4"):
+        E.components(unet, vae, text, 30)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        E.components(unet, vae, text, 24)                                      # latent 6 is not divisible by 4
     with pytest.raises(ValueError, match="unknown; choose from"):
         E.main(["--preset", "nope", "--format", "none"])
     with pytest.raises(FileNotFoundError, match="no such file"):

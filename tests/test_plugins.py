@@ -3,6 +3,7 @@ model with the hand-computed weight change, Sobel edges of a square lie on its b
 known latents exactly where the method says, and bad inputs are named; the lora / adapter stages end to end."""
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -110,7 +111,8 @@ def test_sobel_edges_of_a_square_are_on_its_boundary():
 @pytest.fixture(scope="module")
 def tiny_pipe(random_unet):
     torch.manual_seed(0)
-    vae = vae_lib.VAE(vae_lib.PRESETS["tiny"]).eval()
+    f8 = dataclasses.replace(vae_lib.PRESETS["tiny"], channels=(16, 32, 64, 64), decoder_channels=(16, 32, 64, 64))
+    vae = vae_lib.VAE(f8).eval()                                   # f = 8, as in 3.5: 64px -> an 8x8 latent
     text = md.TextEncoder(md.TEXT_PRESETS["tiny"])
     return S.Pipeline(random_unet(), vae, text, resolution=64)
 

@@ -87,7 +87,7 @@ def test_resume_refuses_changed_fields_and_rerun_refuses_to_overwrite(tmp_path, 
     for flag, value, named in [("--seed", "1", "seed: checkpoint 0 vs now 1"),
                                ("--batch_size", "8", "batch_size: checkpoint 4 vs now 8"),
                                ("--lr", "0.01", "lr: checkpoint 0.001 vs now 0.01"),
-                               ("--resolution", "32", "resolution: checkpoint 64 vs now 32")]:
+                               ("--resolution", "64", "resolution: checkpoint 32 vs now 64")]:
         with pytest.raises(ValueError, match=named):
             train.main([*args, "--resume", "true", flag, value])
     assert open(path, "rb").read() == before                          # nothing lost, nothing rewritten
@@ -154,8 +154,8 @@ def test_train_help_shows_real_defaults(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--steps INT TrainConfig.steps; default: the stage's (vae 850, decoder 500, diffusion 1150" in text
-    assert "--resolution INT TrainConfig.resolution; default: 64" in text
+    assert "--steps INT TrainConfig.steps; default: the stage's (vae 600, decoder 250, diffusion 600" in text
+    assert "--resolution INT TrainConfig.resolution; default: 32" in text
     assert "--channels TUPLE UNetConfig.channels; default: 32,64,128 (tiny preset)" in text
 
 

@@ -2,6 +2,7 @@
 stage of train.py. Independent references: Hugging Face transformers' CLIPTokenizer / CLIPTextModel on a
 small random config and a generated vocabulary; closed-form properties of the schedule and of DDIM."""
 
+import dataclasses
 import json
 import os
 
@@ -108,7 +109,7 @@ def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
 def test_long_prompts_are_truncated_with_a_warning(capsys):
     enc = md.TextEncoder(md.TEXT_PRESETS["tiny"])
     ids = enc.tokenizer(["x" * 200])
-    assert ids.shape == (1, 77) and ids[0, -1] == enc.cfg.eos_id and "truncated" in capsys.readouterr().out
+    assert ids.shape == (1, enc.cfg.max_len) == (1, 64) and ids[0, -1] == enc.cfg.eos_id and "truncated" in capsys.readouterr().out
 
 
 # --- schedule and samplers ---------------------------------------------------------------------------
@@ -196,22 +197,54 @@ def test_stage_writes_eval_and_pipeline_is_deterministic(tmp_path, tiny_vae_ckpt
     pipe = S.Pipeline.from_checkpoint(str(tmp_path / "diffusion.pt"))
     a = pipe(["a red circle on a blue background"], steps=3, seed=7)
     b = pipe(["a red circle on a blue background"], steps=3, seed=7)
-    assert a[0].size == (64, 64) and a[0].tobytes() == b[0].tobytes()
+    assert a[0].size == (32, 32) and a[0].tobytes() == b[0].tobytes()
     c = pipe(["a red circle on a blue background"], steps=3, seed=8)
     assert a[0].tobytes() != c[0].tobytes()
 
 
 @pytest.mark.slow
-def test_resume_continues_bit_identically(tmp_path, tiny_vae_ckpt):
+@pytest.mark.parametrize("cached", ["0", "12"])                     # fresh images, or 12 cached latents
+def test_resume_continues_bit_identically(tmp_path, tiny_vae_ckpt, cached):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(diffusion_args(straight, tiny_vae_ckpt, 4))
-    train.main(diffusion_args(split, tiny_vae_ckpt, 2, "--ckpt_every", "2"))
-    train.main(diffusion_args(split, tiny_vae_ckpt, 4, "--resume", "true"))
+    train.main(diffusion_args(straight, tiny_vae_ckpt, 4, "--train_images", cached))
+    train.main(diffusion_args(split, tiny_vae_ckpt, 2, "--ckpt_every", "2", "--train_images", cached))
+    train.main(diffusion_args(split, tiny_vae_ckpt, 4, "--resume", "true", "--train_images", cached))
     a = config.load_checkpoint(str(straight / "diffusion.pt"))
     b = config.load_checkpoint(str(split / "diffusion.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert losses(straight) == losses(split)                         # 2 logged before the stop + 2 after
+
+
+def test_cached_training_set_is_the_vae_encoding_of_the_first_images(tiny_vae_ckpt):
+    vae, ds = S.load_vae(tiny_vae_ckpt), data.Shapes("train", 32)
+    cached = train.encode_dataset(ds, 5, vae, "cpu", batch=2)
+    x = torch.stack([ds[i][0] for i in range(5)])
+    with torch.no_grad():
+        want = vae.encode(x).mode() * vae.cfg.scaling_factor           # what a streamed step computes
+    torch.testing.assert_close(cached.latents, want, rtol=1e-5, atol=1e-5)
+    assert len(cached) == 5 and [cached[i][1] for i in range(5)] == [ds[i][1] for i in range(5)]
+    assert train.to_latents(cached.latents, vae, cached=True) is cached.latents
+    torch.testing.assert_close(train.to_latents(x, vae, cached=False), want)
+
+
+def test_train_images_auto_is_resolved_per_stage():
+    cfg = train.TrainConfig()                                         # tiny defaults: 600 x 32 images > 8192
+    assert train.stage_config(cfg, "diffusion").train_images == train.AUTO_TRAIN_IMAGES
+    assert train.stage_config(dataclasses.replace(cfg, steps=10), "diffusion").train_images == 0   # no repeats
+    assert train.stage_config(cfg, "vae").train_images == 0                                        # trains on pixels
+    assert train.stage_config(dataclasses.replace(cfg, data="/my/folder"), "diffusion").train_images == 0
+    assert train.stage_config(dataclasses.replace(cfg, train_images=100), "ufogen").train_images == 100
+
+
+def test_min_snr_weight_is_min_snr_plus_one_gamma_over_snr_plus_one():
+    sched, t = S.make_schedule(), torch.tensor([0, 100, 500, 900, 999])
+    snr = (sched["alpha"][t].double() / sched["sigma"][t].double()) ** 2    # SNR_t from the schedule itself
+    want = torch.minimum(snr + 1, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    got = S.v_loss_weight(sched, t, 5.0, torch.zeros(5, 1, 1, 1)).flatten()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert got[-1] == 1.0 and got[0] < 0.01                           # zero-SNR step kept; easy steps down-weighted
+    assert torch.equal(S.v_loss_weight(sched, t, 0.0, torch.zeros(5, 1, 1, 1)).flatten(), torch.ones(5))
 
 
 @pytest.mark.slow
@@ -234,21 +267,23 @@ def test_init_from_softmax_into_relu_attention(tmp_path, tiny_vae_ckpt):
                                   "--init_from", str(tmp_path / "a" / "diffusion.pt")))
 
 
-def _ddp_worker(rank, out, vae_ckpt, port):
+def _ddp_worker(rank, out, vae_ckpt, port, cached):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train.main(diffusion_args(out, vae_ckpt, 3, "--device", "cpu"))
+    train.main(diffusion_args(out, vae_ckpt, 3, "--device", "cpu", "--train_images", cached))
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path, tiny_vae_ckpt):
+@pytest.mark.parametrize("cached", ["0", "12"])
+def test_ddp_two_processes_match_one_process(tmp_path, tiny_vae_ckpt, cached):
     one, two = tmp_path / "one", tmp_path / "two"
-    train.main(diffusion_args(one, tiny_vae_ckpt, 3))
+    train.main(diffusion_args(one, tiny_vae_ckpt, 3, "--train_images", cached))
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(str(two), tiny_vae_ckpt, port), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(str(two), tiny_vae_ckpt, port, cached), nprocs=2, join=True,
+                       start_method="spawn")
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2):
@@ -263,3 +298,18 @@ def test_mismatched_components_are_clear_errors(tmp_path, tiny_vae_ckpt):
         train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--preset", "md"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train.main(diffusion_args(tmp_path, tiny_vae_ckpt, 1, "--data", str(tmp_path / "nowhere")))
+
+
+@pytest.mark.slow
+def test_stage_all_trains_what_separate_commands_train(tmp_path):
+    """Each stage re-seeds the global RNG: the diffusion model of `--stage all` does not depend on how much
+    randomness the VAE and decoder stages drew before it, so it equals the one trained by separate commands."""
+    common = ["--steps", "2", "--batch_size", "4", "--sample_every", "0", "--eval_images", "2", "--eval_steps", "2",
+              "--warmup", "1"]
+    train.main(["--out_dir", str(tmp_path / "all"), *common])
+    for stage in ("vae", "decoder", "diffusion"):
+        train.main(["--stage", stage, "--out_dir", str(tmp_path / "apart"), *common])
+    a = config.load_checkpoint(str(tmp_path / "all" / "diffusion.pt"))["model"]
+    b = config.load_checkpoint(str(tmp_path / "apart" / "diffusion.pt"))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {"8step", "onestep", "ddim2"} <= set(json.load(open(tmp_path / "all" / "eval.json")))   # all five ran

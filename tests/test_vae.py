@@ -27,7 +27,7 @@ def test_shapes_and_range(name):
     model = V.VAE(V.PRESETS[name]).eval()
     x = torch.rand(2, 3, 64, 48) * 2 - 1
     post = model.encode(x)
-    assert post.mean.shape == (2, 8, 8, 6) and post.sample().shape == (2, 8, 8, 6)
+    assert post.mean.shape == (2, 8, 16, 12) and post.sample().shape == (2, 8, 16, 12)    # tiny: f = 4
     y = model.decode(post.mean * 50)                               # far out of range on purpose
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
 
@@ -146,8 +146,8 @@ def test_wrong_architecture_weights_named_in_error(tmp_path):
 
 def test_bad_images_are_clear_errors():
     model = tiny_vae()
-    with pytest.raises(ValueError, match="not divisible by 8"):
-        model.encode(torch.zeros(1, 3, 60, 64))
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        model.encode(torch.zeros(1, 3, 62, 64))
     with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
         model.encode(torch.zeros(1, 4, 64, 64))
     with pytest.raises(ValueError, match=r"expected latents \(B, 8"):
