@@ -70,7 +70,7 @@ def test_coreml_export_names_shapes_and_relu_has_no_softmax(tmp_path):
         ops[act] = E.coreml_ops(ml)
     spec = ml.get_spec()
     assert [i.name for i in spec.description.input] == ["sample", "timestep", "encoder_hidden_states"]
-    assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 8, 4, 4]
+    assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 8, 8, 8]      # 32px / f = 4
     assert [o.name for o in spec.description.output] == ["v_pred"]
     assert ops["relu"].get("softmax", 0) == 0 and ops["softmax"]["softmax"] > 0
     assert ops["relu"]["relu"] > 0

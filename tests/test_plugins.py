@@ -186,9 +186,9 @@ def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp
     ad = P.load_adapter(str(out / "adapter.pt"), md.UNet(md.PRESETS["tiny"]))
     assert len(ad.levels[0]) == 1 and any(o.weight.abs().sum() > 0 for o in ad.outs)
     from PIL import Image
-    Image.new("RGB", (64, 64), (40, 70, 220)).save(tmp_path / "init.png")
-    m = Image.new("L", (64, 64))
-    m.paste(255, (16, 16, 48, 48))
+    Image.new("RGB", (32, 32), (40, 70, 220)).save(tmp_path / "init.png")    # the tiny run's 32px
+    m = Image.new("L", (32, 32))
+    m.paste(255, (8, 8, 24, 24))
     m.save(tmp_path / "mask.png")
     png = tmp_path / "s.png"
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tiny_base / "diffusion.pt"), "--prompt",
@@ -198,7 +198,7 @@ def test_lora_and_adapter_stages_then_sample_py_with_every_plugin(tiny_base, tmp
                                       "--init", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
                                       "--out", str(png)])
     S.main()
-    assert "LoRA" in capsys.readouterr().out and Image.open(png).size == (2 * 66 + 2, 66 + 2)
+    assert "LoRA" in capsys.readouterr().out and Image.open(png).size == (2 * 34 + 2, 34 + 2)
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(tiny_base / "diffusion.pt"), "--prompt", "x",
                                       "--mask", str(tmp_path / "mask.png")])
     with pytest.raises(ValueError, match="--mask needs --init"):
