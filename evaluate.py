@@ -194,7 +194,7 @@ _PEAK = {}
 @torch.no_grad()
 def matmul_peak(device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of an n x n fp32 matmul on `device`, best of `repeats` (measured once per process): the practical
-    peak the stages' throughput is compared with (2 cores here: about 137 GFLOP/s, docs/results.md)."""
+    peak the stages' throughput is compared with (2 cores here: 138-165 GFLOP/s from run to run, docs/results.md)."""
     if device not in _PEAK:
         a = torch.randn(n, n, device=device)
         best = float("inf")
