@@ -114,7 +114,7 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
         for rank in (0, 8):
             name = f"{recon}-{'lora' if rank else 'full'}"
             out = os.path.join(out_dir, name)
-            # Eq. 1-3 as printed: unguided targets (the tiny preset's own Eq. 2 target is CFG-3 guided).
+            # Eq. 1-3 as printed: unguided targets, whatever --ufogen_recon_guidance a preset sets.
             train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--ufogen_recon", recon,
                         "--ufogen_recon_guidance", "1", "--ufogen_lora_rank", str(rank), "--steps", str(steps),
                         "--eval_images", str(eval_images), "--sample_every", "0",

@@ -120,7 +120,7 @@ STAGE_STYLE = {"lora": "outlined"}
 # Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
 # on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
 # estimate the run prints at its start.
-STAGE_MINUTES = {"vae": 2.35, "decoder": 0.45, "diffusion": 3.8, "ufogen": 2.05, "distill": 1.0}
+STAGE_MINUTES = {"vae": 2.35, "decoder": 0.45, "diffusion": 3.8, "ufogen": 1.7, "distill": 1.0}
 REFERENCE_GFLOPS = 146.0
 
 

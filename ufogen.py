@@ -83,13 +83,9 @@ class DistillConfig:                 # train.py --stage distill; flags --distill
 # one-step samples; D learns faster (5x lr, no clamp), and lambda 0.1 lets the adversarial term sharpen
 # the blurry E[x0 | x_T] that the reconstruction term alone would converge to (4.2). D steps on every other
 # iteration, as in UFOGen's code: D is a whole UNet, so at d_every 1 it costs three times G's work per image.
-# Reconstruction: Eq. 2 against the CFG-3 teacher, which hands G the guided model's colours from the first
-# step; in the tiny run's time it reads colour 0.63 where the diffusion loss (Eq. 1, the paper's final choice)
-# reads 0.34 (docs/results.md; Table 5 compares all three).
 PRESETS = {
     "paper": UFOGenConfig(),
-    "tiny": UFOGenConfig(gap=750, t_power=4.0, lam=0.1, d_lr_mult=5.0, logit_clamp=0.0, d_every=2, recon="distill",
-                         recon_guidance=3.0),
+    "tiny": UFOGenConfig(gap=750, t_power=4.0, lam=0.1, d_lr_mult=5.0, logit_clamp=0.0, d_every=2),
 }
 # The 8-step student's teacher: 5.2's DDIM-50, or for the tiny run a 16-step teacher, two teacher steps per
 # student step as in progressive distillation (Salimans & Ho 2022): the teacher's guided steps are most of
@@ -105,8 +101,7 @@ def validate(cfg: UFOGenConfig) -> None:
         raise ValueError(f"UFOGenConfig.recon = {cfg.recon!r}, expected 'diffusion', 'distill' or 'ema'")
     if cfg.recon_guidance != 1.0 and cfg.recon == "diffusion":
         raise ValueError(f"UFOGenConfig.recon_guidance = {cfg.recon_guidance} needs a model target: recon 'distill' or 'ema', "
-                         f"not 'diffusion' (its target is the data x0); with --ufogen_recon diffusion also give "
-                         f"--ufogen_recon_guidance 1 (the tiny preset guides its Eq. 2 target)")
+                         f"not 'diffusion' (its target is the data x0)")
     if cfg.t_power <= 0:
         raise ValueError(f"UFOGenConfig.t_power = {cfg.t_power}, expected > 0")
     if not 0 <= cfg.gap < S.T:
