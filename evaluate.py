@@ -234,7 +234,9 @@ def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     recon = reconstruct(model, held)
     p = float(vae_lib.psnr(recon, held).mean())
     # The checker on reconstructions: what a perfect diffusion model could reach through this decoder.
-    acc = {k: v for k, v in data.attribute_accuracy(recon.cpu(), prompts).items() if k != "style"}
+    def checker(images):
+        return {k: v for k, v in data.attribute_accuracy(images.cpu(), prompts).items() if k != "style"}
+    acc = checker(recon)
     checked = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
     if teacher is None:
         report = {"psnr_heldout_db": p, "checker": acc, "scaling_factor": model.cfg.scaling_factor, "minutes": minutes}
@@ -243,7 +245,7 @@ def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     else:
         full = reconstruct(teacher, held)
         p_full = float(vae_lib.psnr(full, held).mean())
-        acc_full = {k: v for k, v in data.attribute_accuracy(full.cpu(), prompts).items() if k != "style"}
+        acc_full = checker(full)
         report = {"psnr_full_db": p_full, "psnr_light_db": p, "checker_full": acc_full, "checker_light": acc,
                   "minutes": minutes}
         print(f"decoder: held-out PSNR full {p_full:.2f} dB, "
