@@ -97,11 +97,11 @@ class TrainConfig:
 STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")
 ALL_STAGES = STAGES[:5]              # --stage all, the tiny end-to-end run; the 5.4 plugins are their own commands
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run (times: docs/results.md)
-    "vae": (600, 1e-3, 16),
+    "vae": (500, 1e-3, 16),
     "decoder": (250, 1e-3, 16),
-    "diffusion": (600, 1e-3, 32),    # 5.1: AdamW lr 1e-3
-    "ufogen": (200, 1e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D
-    "distill": (150, 1e-4, 16),
+    "diffusion": (700, 1e-3, 32),    # 5.1: AdamW lr 1e-3
+    "ufogen": (200, 3e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D; 3e-4 for a 200-step toy run
+    "distill": (150, 1e-3, 16),      # 1e-3: the 100-step warm-up leaves 1e-4 no time to fold in guidance
     "lora": (2000, 3e-3, 16),        # 5.4: the LoRA needs longer than the adapter at this scale (docs/results.md)
     "adapter": (800, 2e-3, 16),
 }
@@ -120,8 +120,8 @@ STAGE_STYLE = {"lora": "outlined"}
 # Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
 # on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
 # estimate the run prints at its start.
-STAGE_MINUTES = {"vae": 2.35, "decoder": 0.45, "diffusion": 3.8, "ufogen": 1.7, "distill": 1.0}
-REFERENCE_GFLOPS = 146.0
+STAGE_MINUTES = {"vae": 1.75, "decoder": 0.5, "diffusion": 4.1, "ufogen": 2.0, "distill": 1.05}
+REFERENCE_GFLOPS = 183.0
 
 
 def estimate_minutes(cfg: "TrainConfig", device: str) -> str:

@@ -79,8 +79,8 @@ PRESETS = {
     # 32px synthetic shapes on a 2-core CPU in minutes. A toy-only departure: 3 levels, so f = 4 where SD and
     # 3.5 have f = 8. It keeps the UNet's 8x8 latent grid while the VAE costs a quarter of a 64px one (at
     # 64px / f = 8 the VAE took a third of the run for 25 dB: docs/results.md). The adversarial loss starts
-    # halfway (3.5's four losses; LDM starts it after 50k steps); no perceptual term without a local VGG file.
-    # Scaling factor re-estimated after training.
+    # at step 300 of the run's 500 (3.5's four losses; LDM starts it after 50k steps); no perceptual term
+    # without a local VGG file. Scaling factor re-estimated after training.
     "tiny": VAEConfig(channels=(32, 64, 64), layers=1, decoder_channels=(32, 64, 64), decoder_layers=2,
                       norm_groups=8, scaling_factor=1.0, disc_channels=32, disc_layers=2, disc_start=300,
                       perceptual_weight=0.0),

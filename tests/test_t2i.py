@@ -28,6 +28,36 @@ def test_checker_reads_the_datasets_own_images():
         assert min(acc.values()) >= 0.98, (split, style, acc)
 
 
+def test_checker_reads_soft_edges_and_tells_shapes_apart():
+    # What a decoder draws: the shape with its edges blurred (Gaussian, sigma 1 px). The checker must still read
+    # the drawn shape, for every shape, over the radius range and at the dataset's outermost centres.
+    k = torch.exp(-torch.arange(-3, 4.0).square() / 2)
+    k = (k / k.sum()).view(1, 1, 7)
+    def blur(img):                                              # (3, H, W), separable, edges replicated
+        rows = torch.nn.functional.conv1d(torch.nn.functional.pad(img.reshape(-1, 1, 32), (3, 3), "replicate"), k)
+        cols = rows.view(3, 32, 32).transpose(1, 2).reshape(-1, 1, 32)
+        return torch.nn.functional.conv1d(torch.nn.functional.pad(cols, (3, 3), "replicate"), k).view(3, 32, 32).transpose(1, 2)
+    for shape in data.SHAPES:
+        for r in data.RADIUS:
+            for c in (0.5 - data.JITTER, 0.5, 0.5 + data.JITTER):
+                img = data.render(shape, "red", "blue", c, 1 - c, r, 32)
+                for im in (img, blur(img)):
+                    got = data.check_attributes(im)
+                    assert (got["shape"], got["color"], got["background"]) == (shape, "red", "blue"), (shape, r, c)
+    # Specks a decoder leaves in the background are not part of the shape: a square with two stray pixels of its
+    # colour near two corners still reads square (with them, the box grows and another template fits better).
+    img = data.render("square", "green", "white", 0.5, 0.5, 0.3, 32)
+    img[:, 3, 3] = img[:, 28, 28] = img[:, 16, 16]
+    assert data.check_attributes(img)["shape"] == "square"
+    m = torch.zeros(6, 6, dtype=torch.bool)
+    m[0, 0] = True                                              # a 1-pixel region ...
+    m[2:5, 2:4] = True                                          # ... and a 6-pixel one
+    assert data.largest_component(m).sum() == 6 and not data.largest_component(m)[0, 0]
+    # A shape with no edges (flat background) reads no shape.
+    flat = (torch.tensor(data.COLORS["blue"]) / 127.5 - 1).view(3, 1, 1).expand(3, 32, 32)
+    assert data.check_attributes(flat) == {"shape": None, "color": None, "background": "blue", "style": None}
+
+
 @pytest.mark.slow
 def test_heldout_combinations_never_appear_in_training():
     held = set(data.heldout_combos())
