@@ -193,8 +193,10 @@ _PEAK = {}
 
 @torch.no_grad()
 def matmul_peak(device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an n x n fp32 matmul on `device`, best of `repeats` (measured once per process): the practical
-    peak the stages' throughput is compared with (2 cores here: 138-165 GFLOP/s from run to run, docs/results.md)."""
+    """GFLOP/s of an n x n fp32 matmul on `device`, best of `repeats` (measured once per process and device; any
+    "cpu:N" is the CPU): the practical peak the stages' throughput is compared with (2 cores here: 123-191 GFLOP/s
+    from run to run, docs/results.md)."""
+    device = "cpu" if device.startswith("cpu") else device
     if device not in _PEAK:
         a = torch.randn(n, n, device=device)
         best = float("inf")
@@ -213,7 +215,7 @@ def throughput_report(cfg, steps: int, seconds: float, flops_per_image: float, d
     optimiser) are not counted, as in count_macs: the fraction is of useful matmul/conv work."""
     ips = steps * cfg.batch_size / max(seconds, 1e-9)
     gflops = flops_per_image * ips / 1e9
-    peak = matmul_peak(device.split(":")[0] if device.startswith("cpu") else device)
+    peak = matmul_peak(device)
     res = {"steps": steps, "minutes": seconds / 60, "images_per_s": ips, "gflop_per_s": gflops,
            "peak_gflop_per_s": peak, "peak_fraction": gflops / peak}
     print(f"{cfg.stage}: {steps} steps in {seconds / 60:.1f} min, {ips:.0f} images/s, ~{gflops:.0f} GFLOP/s = "

@@ -127,7 +127,7 @@ REFERENCE_GFLOPS = 183.0
 def estimate_minutes(cfg: "TrainConfig", device: str) -> str:
     """The default run's expected length on this machine, from STAGE_MINUTES (the defaults' steps; longer
     --steps scale it)."""
-    peak = evaluate.matmul_peak(device.split(":")[0] if device.startswith("cpu") else device)
+    peak = evaluate.matmul_peak(device)
     scale = REFERENCE_GFLOPS / peak if device.startswith("cpu") else float("nan")
     per = {st: m * (cfg.steps or STAGE_DEFAULTS[st][0]) / STAGE_DEFAULTS[st][0] * scale for st, m in STAGE_MINUTES.items()}
     return (f"estimated total: {sum(per.values()):.1f} min on this CPU (matmul peak {peak:.0f} GFLOP/s; "
@@ -299,7 +299,7 @@ def encode_dataset(dataset, n: int, vae, device: str, batch: int = 256) -> data.
     for i in range(0, min(n, len(dataset)), batch):
         items = [dataset[j] for j in range(i, min(i + batch, n, len(dataset)))]
         x = torch.stack([im for im, _ in items]).to(device)
-        latents.append((vae.encode(x).mode() * vae.cfg.scaling_factor).cpu())
+        latents.append(to_latents(x, vae, cached=False).cpu())
         captions += [c for _, c in items]
     return data.Latents(torch.cat(latents), captions)
 
@@ -936,7 +936,7 @@ def validate(cfg: TrainConfig, given: argparse.Namespace) -> None:
     if cfg.preset not in PRESETS:
         raise ValueError(f"--preset {cfg.preset!r}: expected one of {', '.join(sorted(PRESETS))}")
     if cfg.resolution <= 0 or cfg.resolution % 8:
-        raise ValueError(f"--resolution {cfg.resolution}: expected a positive multiple of 8 (the VAE's f = 8)")
+        raise ValueError(f"--resolution {cfg.resolution}: expected a positive multiple of 8 (the paper's VAE has f = 8)")
     at_least = {"grad_accum": 1, "log_every": 1, "ckpt_every": 1, "eval_images": 1, "eval_steps": 1, "sample_every": 0,
                 "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "guidance": 0,
                 "train_images": -1, "min_snr": 0}
