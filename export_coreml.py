@@ -181,8 +181,8 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     vcfg = dataclasses.replace(vae_lib.PRESETS[vname], latent_channels=ucfg.in_channels)
     tcfg = md.TEXT_PRESETS["tiny" if preset == "tiny" else "clip-l14"]
     # Random weights need no vocabulary: only encode_ids (token ids -> features) is exported, so the byte
-    # tokenizer stands in for CLIP's BPE; the network is the same.
-    tcfg = dataclasses.replace(tcfg, tokenizer="bytes", width=ucfg.context_dim)
+    # tokenizer stands in for CLIP's BPE (the tiny preset's word tokenizer needs no files); the network is the same.
+    tcfg = dataclasses.replace(tcfg, tokenizer="bytes" if tcfg.tokenizer == "clip" else tcfg.tokenizer, width=ucfg.context_dim)
     unet, vae, text = (untrained_like_trained(m.eval()) for m in (md.UNet(ucfg), vae_lib.VAE(vcfg), md.TextEncoder(tcfg)))
     return unet, vae, text, \
         {"source": f"random weights, preset {preset}", "decoder": vname, "resolution": 512}
@@ -404,6 +404,8 @@ def write_manifest(out_dir: str, comps: list[Component], text, vae, info: dict, 
     """What an app needs besides the models: I/O shapes, the latent scaling, the tokenizer files."""
     tok = {"kind": text.cfg.tokenizer, "max_len": text.cfg.max_len, "bos_id": text.cfg.bos_id,
            "eos_id": text.cfg.eos_id, "pad_id": text.cfg.pad_id}
+    if text.cfg.tokenizer == "words":                               # md.Tokenizer's rule, for an app to re-implement
+        tok["words"] = {"split": md.WORD_PATTERN.pattern, "lowercase": True, "id": f"crc32(utf-8 word) mod {text.cfg.bos_id}"}
     if text.cfg.tokenizer == "clip" and text.source:               # ship CLIP's BPE files next to the models
         src = next(d for d in (text.source, os.path.join(os.path.dirname(text.source.rstrip("/")), "tokenizer"))
                    if os.path.isfile(os.path.join(d, "vocab.json")))

@@ -15,7 +15,7 @@ What lives here, in the paper's order:
        two outer levels (conv_type per level; Table 6, where 3.3's text says "the outermost level"), and
        pruned residual blocks (down_layers: 1 per level except the innermost; Table 6's 11, the text's "12")
   3    the text encoder: CLIP-ViT/L14's text transformer and BPE tokenizer, written out (TextEncoder,
-       TextEncoder.from_pretrained for real weights), and a byte-level tiny one (TEXT_PRESETS)
+       TextEncoder.from_pretrained for real weights), and a tiny word-level one (TEXT_PRESETS)
   3.4  the presets of Table 1 / Table 6 (PRESETS: "md", "md-lite", "sd" baseline, "tiny") and the cost
        accounting of Table 1 (count_macs, table1)
 
@@ -34,6 +34,7 @@ import os
 import re
 import statistics
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -497,8 +498,9 @@ class UNet(nn.Module):
 
 @dataclass
 class TextConfig:
-    tokenizer: str = "clip"          # "clip": CLIP's BPE (vocab.json + merges.txt); "bytes": UTF-8 bytes, no files
-    vocab_size: int = 49408          # CLIP; bytes: 256 + 3 specials
+    tokenizer: str = "clip"          # "clip": CLIP's BPE (vocab.json + merges.txt); "bytes": UTF-8 bytes; "words":
+                                     # a hashed word per token (Tokenizer); bytes and words need no files
+    vocab_size: int = 49408          # CLIP; bytes: 256 + 3 specials; words: bos_id buckets + 3 specials
     max_len: int = 77                # CLIP's context: 77 tokens including <start>/<end>
     width: int = 768                 # CLIP-ViT/L14 text width = UNetConfig.context_dim
     layers: int = 12
@@ -512,13 +514,14 @@ class TextConfig:
 
 TEXT_PRESETS = {
     "clip-l14": TextConfig(),
-    # A byte-level encoder for the synthetic captions: no files needed. Trained jointly with the tiny UNet
-    # (the paper's CLIP is frozen, but a frozen *random* encoder spreads each colour word over 3-6 byte
-    # positions of a random mixing, a harder read-out for the UNet; docs/results.md has the ablation).
-    # `--text_train false` reruns the frozen variant. 64 tokens: the longest caption ("... in outlined style")
-    # is 60 with <start>/<end>, and CLIP's 77 would spend a fifth of the text and cross-attention work on padding.
-    "tiny": TextConfig(tokenizer="bytes", vocab_size=259, max_len=64, width=128, layers=2, heads=4, bos_id=256,
-                       eos_id=257, pad_id=258, train=True),
+    # A small encoder for the synthetic captions: no files needed. Word tokens, as CLIP's BPE makes of these
+    # common words, hashed into 1024 buckets (no vocabulary file); the bytes of a word would spread it over 3-6
+    # positions, which the UNet must then learn to bind (docs/results.md has both ablations). Trained jointly
+    # with the tiny UNet (the paper's CLIP is frozen, but a frozen *random* encoder is a harder read-out);
+    # `--text_train false` reruns the frozen variant. 16 tokens: the longest caption ("... in outlined style")
+    # is 12 with <start>/<end>; CLIP's 77 would spend most of the text and cross-attention work on padding.
+    "tiny": TextConfig(tokenizer="words", vocab_size=1027, max_len=16, width=128, layers=2, heads=4, bos_id=1024,
+                       eos_id=1025, pad_id=1026, train=True),
 }
 
 
@@ -534,16 +537,25 @@ def _bytes_to_unicode() -> dict:
     return dict(zip(bs, map(chr, cs)))
 
 
+# CLIP's word split: letter runs, single digits, punctuation runs. CLIP's pattern uses \p{L}/\p{N} (the `regex`
+# package); [^\W\d_] / \d are the same classes in `re`.
+WORD_PATTERN = re.compile(r"[^\W\d_]+|\d|[^\s\w]+|_+")
+
+
 class Tokenizer:
     """CLIP's tokenizer, written out: lower-case, whitespace-clean, split into words (letters / single digits /
     punctuation runs), map bytes to unicode, apply BPE merges by rank with '</w>' marking word ends; then
-    <start> ids <end>, truncated (with a warning) and padded to max_len.
-    With cfg.tokenizer == "bytes": the UTF-8 bytes are the ids (no files)."""
+    <start> ids <end>, truncated (with a warning) and padded to max_len. Without files:
+    cfg.tokenizer == "bytes": the UTF-8 bytes are the ids;
+    cfg.tokenizer == "words": CLIP's lower-cased word split, each word's id its CRC-32 mod bos_id (the buckets
+    below the special ids). Two words may share a bucket; the tiny captions' 15 words do not (a test checks)."""
 
     def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
         self.cfg, self.warned = cfg, False
-        if cfg.tokenizer == "bytes":
+        if cfg.tokenizer in ("bytes", "words"):
             return
+        if cfg.tokenizer != "clip":
+            raise ValueError(f"TextConfig.tokenizer = {cfg.tokenizer!r}: expected 'clip', 'bytes' or 'words'")
         if not (vocab_path and merges_path):
             raise ValueError("TextConfig.tokenizer = 'clip' needs vocab.json and merges.txt (a local CLIP folder)")
         with open(vocab_path) as f:
@@ -554,8 +566,7 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.byte_encoder = _bytes_to_unicode()
         self.cache = {}
-        # CLIP's pattern uses \p{L}/\p{N} (the `regex` package); [^\W\d_] / \d are the same classes in `re`.
-        self.pat = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+",
+        self.pat = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|" + WORD_PATTERN.pattern,
                               re.IGNORECASE)
 
     def bpe(self, word: str) -> list[str]:
@@ -583,6 +594,8 @@ class Tokenizer:
     def ids(self, text: str) -> list[int]:
         if self.cfg.tokenizer == "bytes":
             return list(text.encode("utf-8"))
+        if self.cfg.tokenizer == "words":
+            return [zlib.crc32(w.encode("utf-8")) % self.cfg.bos_id for w in WORD_PATTERN.findall(text.lower())]
         text = " ".join(text.split()).lower()
         out = []
         for word in self.pat.findall(text):

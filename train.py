@@ -74,7 +74,7 @@ class TrainConfig:
     vae_ckpt: str = ""               # diffusion: our vae.pt / decoder.pt (default: out_dir/decoder.pt, else vae.pt)
     vae_diffusers: str = ""          # diffusion: a local diffusers AutoencoderKL folder instead (e.g. SD's, c=4)
     text_encoder: str = ""           # diffusion: a local Hugging Face CLIP folder (3: CLIP-ViT/L14, frozen);
-                                     # empty = the preset's own (tiny: byte-level, trained jointly)
+                                     # empty = the preset's own (tiny: word tokens, trained jointly)
     p_uncond: float = 0.1            # classifier-free guidance: fraction of captions dropped to "" in training
     min_snr: float = 5.0             # diffusion loss weighting: 0 = plain v-MSE; gamma > 0 = min-SNR-gamma (5.1
                                      # names none; 5 is Hang et al.'s gamma; the tiny run's ablation: docs/results.md)
@@ -97,9 +97,9 @@ class TrainConfig:
 STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")
 ALL_STAGES = STAGES[:5]              # --stage all, the tiny end-to-end run; the 5.4 plugins are their own commands
 STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU run (times: docs/results.md)
-    "vae": (500, 1e-3, 16),
-    "decoder": (250, 1e-3, 16),
-    "diffusion": (700, 1e-3, 32),    # 5.1: AdamW lr 1e-3
+    "vae": (1800, 1e-3, 8),          # batch 8: twice the steps for the same images as batch 16, +2 dB
+    "decoder": (800, 1e-3, 8),
+    "diffusion": (600, 1e-3, 64),    # 5.1: AdamW lr 1e-3; batch 64: 1.4x the images/s of batch 32 on 2 cores
     "ufogen": (200, 3e-4, 16),       # UFOGen's code: Adam lr 1e-4 for G and D; 3e-4 for a 200-step toy run
     "distill": (150, 1e-3, 16),      # 1e-3: the 100-step warm-up leaves 1e-4 no time to fold in guidance
     "lora": (2000, 3e-3, 16),        # 5.4: the LoRA needs longer than the adapter at this scale (docs/results.md)
@@ -108,7 +108,7 @@ STAGE_DEFAULTS = {                   # (steps, lr, batch_size) of the tiny CPU r
 
 
 # The stages that can train on cached latents (TrainConfig.train_images), and the auto size: the tiny diffusion
-# stage draws 600 x 32 = 19200 images; a fixed set of 8192, each seen 2-3 times, is 8192 VAE encodes instead.
+# stage draws 600 x 64 = 38400 images; a fixed set of 8192, each seen 4-5 times, is 8192 VAE encodes instead.
 CACHED_STAGES = ("diffusion", "ufogen", "distill")
 AUTO_TRAIN_IMAGES = 8192
 
@@ -120,8 +120,8 @@ STAGE_STYLE = {"lora": "outlined"}
 # Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
 # on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
 # estimate the run prints at its start.
-STAGE_MINUTES = {"vae": 1.75, "decoder": 0.5, "diffusion": 4.1, "ufogen": 2.0, "distill": 1.05}
-REFERENCE_GFLOPS = 183.0
+STAGE_MINUTES = {"vae": 3.0, "decoder": 0.75, "diffusion": 3.35, "ufogen": 1.45, "distill": 0.75}
+REFERENCE_GFLOPS = 307.0
 
 
 def estimate_minutes(cfg: "TrainConfig", device: str) -> str:
@@ -387,7 +387,7 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
                 rec = vae_lib.l2_loss(recon, x)
                 if perceptual is not None:
                     rec = rec + vcfg.perceptual_weight * perceptual(recon, x)
-                kl = vae_lib.kl_loss(post)
+                kl = vae_lib.kl_loss(post, x[0].numel())
                 loss = rec + vcfg.kl_weight * kl
                 if use_disc:
                     g_loss = vae_lib.g_hinge_loss(dnet(recon))
@@ -897,7 +897,7 @@ def train_plugin(cfg, pcfg: P.PluginConfig, rank: int, world: int, device: str) 
 # Entry point: --preset picks every network's config by one name; flags override single fields
 # ----------------------------------------------------------------------------------------------------
 
-# The text encoder is the tiny byte-level one unless --text_encoder gives a local CLIP folder (paper scale).
+# The text encoder is the tiny word-level one unless --text_encoder gives a local CLIP folder (paper scale).
 PRESETS = {
     name: dict(unet=md.PRESETS[unet], vae=vae_lib.PRESETS[vae], light=vae_lib.PRESETS[light], text=md.TEXT_PRESETS["tiny"],
                ufogen=U.PRESETS[ufo], distill=U.DISTILL_PRESETS[ufo], plugin=P.PluginConfig())

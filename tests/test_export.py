@@ -43,7 +43,7 @@ def test_components_io_and_errors(tmp_path):
     unet, vae, text = tiny_pipeline()
     comps = {c.name: c for c in E.components(unet, vae, text, 32, unet_batch=2)}          # tiny VAE: f = 4
     assert comps["unet"].inputs["sample"].shape == (2, 8, 8, 8)
-    assert comps["unet"].inputs["encoder_hidden_states"].shape == (2, 64, 128)           # tiny text: 64 tokens
+    assert comps["unet"].inputs["encoder_hidden_states"].shape == (2, 16, 128)           # tiny text: 16 tokens
     assert comps["text_encoder"].inputs["input_ids"].dtype == torch.int32
     with torch.no_grad():
         assert comps["decoder"].module(*comps["decoder"].inputs.values()).shape == (1, 3, 32, 32)

@@ -42,7 +42,9 @@ def test_zero_adapter_and_zero_lora_leave_outputs_unchanged(random_unet):
         assert (unet(x, t, ctx, features=adapter(cond)) - ref).abs().max() > 1e-3
         lora = copy.deepcopy(unet)
         P.add_lora(lora, 4, convs=True)
-        assert torch.equal(lora(x, t, ctx), ref)
+        # Equal up to float rounding: on some CPUs, oneDNN sums the deep copy's convolutions in another order
+        # (a last-digit difference); a LoRA that did anything would move the output by far more than 1e-5.
+        torch.testing.assert_close(lora(x, t, ctx), ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="UNet features: expected shapes"):
         unet(x, t, ctx, features=feats[:2])
 

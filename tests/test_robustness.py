@@ -154,7 +154,7 @@ def test_train_help_shows_real_defaults(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--steps INT TrainConfig.steps; default: the stage's (vae 500, decoder 250, diffusion 700" in text
+    assert "--steps INT TrainConfig.steps; default: the stage's (vae 1800, decoder 800, diffusion 600" in text
     assert "--resolution INT TrainConfig.resolution; default: 32" in text
     assert "--channels TUPLE UNetConfig.channels; default: 32,64,128 (tiny preset)" in text
 

@@ -138,8 +138,24 @@ def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
 
 def test_long_prompts_are_truncated_with_a_warning(capsys):
     enc = md.TextEncoder(md.TEXT_PRESETS["tiny"])
-    ids = enc.tokenizer(["x" * 200])
-    assert ids.shape == (1, enc.cfg.max_len) == (1, 64) and ids[0, -1] == enc.cfg.eos_id and "truncated" in capsys.readouterr().out
+    ids = enc.tokenizer([" ".join(["x"] * 200)])
+    assert ids.shape == (1, enc.cfg.max_len) == (1, 16) and ids[0, -1] == enc.cfg.eos_id and "truncated" in capsys.readouterr().out
+
+
+def test_word_tokenizer_gives_each_caption_word_its_own_id():
+    import zlib
+    cfg = md.TEXT_PRESETS["tiny"]
+    tok = md.Tokenizer(cfg)
+    words = {w for combo in data.all_combos() for style in data.STYLES for w in data.caption(*combo, style=style).split()}
+    ids = {w: tok.ids(w) for w in words}
+    assert all(len(v) == 1 and 0 <= v[0] < cfg.bos_id for v in ids.values())
+    assert len({v[0] for v in ids.values()}) == len(words) == 15           # no two caption words share a bucket
+    assert ids["red"] == [zlib.crc32(b"red") % cfg.bos_id]                  # the rule an app re-implements
+    assert tok.ids("A  RED, circle") == ids["a"] + ids["red"] + [zlib.crc32(b",") % cfg.bos_id] + ids["circle"]
+    row = tok(["a red circle on a blue background"])[0].tolist()
+    assert row[:2] == [cfg.bos_id, *ids["a"]] and row[8] == cfg.eos_id and set(row[9:]) == {cfg.pad_id}
+    with pytest.raises(ValueError, match="'wordpiece'"):
+        md.Tokenizer(md.TextConfig(tokenizer="wordpiece"))
 
 
 # --- schedule and samplers ---------------------------------------------------------------------------

@@ -56,10 +56,10 @@ def test_scaling_factor_gives_unit_variance_latents():
 
 def test_kl_is_zero_for_standard_normal_and_matches_closed_form():
     post = V.DiagonalGaussian(torch.zeros(2, 16, 4, 4))            # mean 0, logvar 0 -> N(0, I)
-    assert float(V.kl_loss(post)) == 0.0
+    assert float(V.kl_loss(post, 3 * 16 * 16)) == 0.0
     moments = torch.cat([torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 0.0)], 1)
     post = V.DiagonalGaussian(moments)                              # KL(N(2,1) || N(0,1)) = 2^2 / 2 = 2
-    assert float(V.kl_loss(post)) == pytest.approx(2.0 / 64)        # per pixel of the 8x8 image
+    assert float(V.kl_loss(post, 3 * 8 * 8)) == pytest.approx(2.0 / 192)  # per element of a 3x8x8 image
 
 
 def test_discriminator_step_pushes_real_and_fake_apart():
