@@ -12,6 +12,7 @@ Layering, imports one way only (each file imports only from files above it in th
   sample.py   schedule, samplers, loading checkpoints, Pipeline
   ufogen.py   4: UFOGen's losses and the 8-step distillation target
   evaluate.py 5.1: metrics;  export_coreml.py: 5.2 / Table 4 export and latency
+  train_utils.py  the plumbing under the training loops (devices, checkpoints, data stream, metrics)
   train.py    every training stage
   report.py   the paper's tables at toy scale (Tables 1, 2, 4, 5, 5.4, 5.2's guidance curve)
 """
@@ -70,11 +71,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", sho
                             help=f"{cls.__name__}.{f.name}; {text}")
 
 
+def given_flags(cls, args: argparse.Namespace, prefix: str = "") -> dict:
+    """{field: value} for the flags of dataclass `cls` the user gave (argparse leaves the others None)."""
+    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
+            if getattr(args, prefix + f.name, None) is not None}
+
+
 def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
     """The preset `base` with every flag the user gave applied on top."""
-    changes = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(base)
-               if getattr(args, prefix + f.name, None) is not None}
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, **given_flags(type(base), args, prefix))
 
 
 def config_from_dict(cls, d: dict):

@@ -38,16 +38,14 @@ COLORS = {                        # RGB; far apart so that the checker's nearest
 SHAPES = ("circle", "square", "triangle")
 STYLES = ("plain", "outlined")    # "outlined": the style variant for the §5.4 style-LoRA experiments
 HOLE = 0.5                        # outlined: the shape with a hole of HOLE x its size cut out (a thick outline)
-# The toy's geometry (issue 13; the ablations are in docs/results.md, "The tiny run at 32px"):
+# The toy's geometry (the ablations: docs/results.md, "The toy geometry"):
 RADIUS = (0.3, 0.4)               # shape radius range, in image sides: 10-13 px at 32 px, 5-7 cells of the 8x8
                                   # latent, like the objects the paper's 16x16 bottleneck sees many cells wide
-                                  # (was 0.2-0.32: 3-4 cells)
 JITTER = 0.03                     # the centre's offset from the image centre, at most (image sides; +-1 px at
                                   # 32 px). A caption then fixes its image up to size, and a model of minutes
-                                  # draws it crisp; anywhere in the image (+-0.16), every position's average
-                                  # is a blob (held-out shape 0.51 at +-0.1, 0.92 at +-0.03)
+                                  # draws it crisp; anywhere in the image, every position's average is a blob
 SQUARE = 1.0                      # the square's half-side, in radii: it fills the circle's bounding box, so
-                                  # the two differ by 4.5 px corners (at 0.85 they differed by 2 px: 0.48)
+                                  # the two differ by 4.5 px corners
 
 
 def all_combos():
@@ -180,9 +178,8 @@ def check_attributes(img: torch.Tensor) -> dict:
     colour: the median of pixels far from the background colour (the shape), nearest palette colour.
     shape: the template (square, circle, apex-up triangle, each inscribed in the shape's bounding box) with the
            highest IoU with the filled shape. Robust to a soft edge, which is what a decoder draws: 32 px shapes
-           of radius 0.2-0.32 blurred by a Gaussian of sigma 1 px read 98% (the earlier rule, the fraction of
-           the box filled with thresholds 0.64 / 0.9, read 86%: at 32 px a circle fills 0.71-0.86 of its box
-           from pixel rounding alone, so those thresholds had no margin; docs/results.md).
+           blurred by a Gaussian of sigma 1 px read 98% (a threshold on the fraction of the box filled has no
+           margin at 32 px, where a circle fills 0.71-0.86 of its box from pixel rounding alone).
     style: outlined if 5% or more of the filled shape (holes filled) is background: the outline's hole is
            HOLE^2 = 25% of it; decoded by the tiny VAE, 10-27%; a plain shape, decoded or not, has none."""
     img = img.float().clamp(-1, 1)

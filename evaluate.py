@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import config
 import data
-import plugins as P
-import sample as S
+import plugins
+import sample
 import vae as vae_lib
 
 # The functions below that take `cfg` read only cfg.data, cfg.resolution (and cfg.eval_images, cfg.out_dir,
@@ -99,9 +99,9 @@ def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
     grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
     prompts = heldout_prompts(cfg, cfg.eval_images)
     real = heldout_images(cfg, cfg.eval_images)
-    base, ufo = S.Pipeline.from_checkpoint(base_path, device), S.Pipeline.from_checkpoint(ufo_path, device)
+    base, ufo = sample.Pipeline.from_checkpoint(base_path, device), sample.Pipeline.from_checkpoint(ufo_path, device)
     rows = []
-    for name, pipe, kw in [("onestep", ufo, S.SAMPLING["onestep"]),
+    for name, pipe, kw in [("onestep", ufo, sample.SAMPLING["onestep"]),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
         res, imgs = evaluate_t2i(pipe, prompts, real=real, **kw)
         update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
@@ -139,7 +139,7 @@ def plugin_heldout(resolution: int, n: int, device: str = "cpu") -> dict:
 
 def cell_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """The pixel mask grown to whole latent cells: 0 only on the pixels of cells that inpainting keeps exactly."""
-    return torch.nn.functional.interpolate(1 - P.latent_keep(mask, factor), scale_factor=factor, mode="nearest")
+    return torch.nn.functional.interpolate(1 - plugins.latent_keep(mask, factor), scale_factor=factor, mode="nearest")
 
 
 def keep_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
@@ -151,7 +151,7 @@ def keep_psnr(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float
 
 @torch.no_grad()
 def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict,
-                   threshold: float = P.PluginConfig.edge_threshold, return_images: bool = False):
+                   threshold: float = plugins.PluginConfig.edge_threshold, return_images: bool = False):
     """One plugin's metrics for one pipeline and sampler (kw), on the held-out set ev:
       lora:    style (fraction read as outlined), colour/background/shape accuracy, for the style prompts
       adapter: edge IoU with the condition edges, colour/background accuracy
@@ -159,7 +159,7 @@ def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict,
     plugin: the file (LoRA or adapter), loaded here and taken off again; None = without it."""
     unet = pipe.unet
     if kind == "lora" and plugin:
-        pipe.unet = P.load_lora(copy.deepcopy(unet), plugin)
+        pipe.unet = plugins.load_lora(copy.deepcopy(unet), plugin)
     try:
         if kind == "lora":
             res, imgs = evaluate_t2i(pipe, ev["style_prompts"], **kw)
@@ -167,9 +167,9 @@ def measure_plugin(kind: str, pipe, plugin: str | None, kw: dict, ev: dict,
         elif kind == "adapter":
             if plugin:
                 threshold = pipe.load_adapter(plugin).adapter.edge_threshold
-            cond = P.edges(ev["images"], threshold)
+            cond = plugins.edges(ev["images"], threshold)
             res, imgs = evaluate_t2i(pipe, ev["prompts"], **kw, **({"cond": cond} if plugin else {}))
-            out = {"edge_iou": float(P.edge_iou(P.edges(imgs.to(cond.device), threshold), cond).mean()),
+            out = {"edge_iou": float(plugins.edge_iou(plugins.edges(imgs.to(cond.device), threshold), cond).mean()),
                    **{k: res[k] for k in ("color", "background", "shape")}}
         elif kind == "inpaint":
             res, imgs = evaluate_t2i(pipe, ev["inpaint_prompts"], init=ev["images"], mask=ev["mask"],
@@ -283,9 +283,9 @@ def plugin_stage_report(cfg, pipe, path: str, device: str) -> None:
     """End of the lora / adapter stage: the base's DDIM-50 + CFG without and with the new plugin."""
     ev = plugin_heldout(cfg.resolution, cfg.eval_images, device)
     for label, plugin in (("without", None), ("with", path)):
-        res = measure_plugin(cfg.stage, pipe, plugin, S.SAMPLING["ddim50"], ev)
+        res = measure_plugin(cfg.stage, pipe, plugin, sample.SAMPLING["ddim50"], ev)
         print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"
-              f"{S.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+              f"{sample.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
 
 
 def plot_curves(metrics_path: str, png_path: str, stage: str, keys: list[str]) -> None:
@@ -453,7 +453,7 @@ def eval_setup(args) -> dict:
     """What every run of evaluate_cli on one checkpoint shares, done once per command (a guidance sweep
     reuses it for every scale): the pipeline, the prompts, the checkpoint's hash, and the real images the
     Frechet distances compare against (--ref_dir, else the tiny held-out images)."""
-    pipe = S.Pipeline.from_checkpoint(args.ckpt)
+    pipe = sample.Pipeline.from_checkpoint(args.ckpt)
     tiny = args.prompts is None
     if tiny:                                                      # synthetic shapes: checker + pixel Frechet
         cfg = argparse.Namespace(data="shapes", resolution=pipe.resolution)
@@ -473,7 +473,7 @@ def evaluate_cli(args, guidance: float | None = None, setup: dict | None = None)
     `guidance` if given), then every metric available. `setup`: eval_setup(args), made here if not given."""
     setup = setup or eval_setup(args)
     pipe, prompts = setup["pipe"], setup["prompts"]
-    kw = {**S.SAMPLING[args.sampler], **({} if guidance is None else {"guidance_scale": guidance})}
+    kw = {**sample.SAMPLING[args.sampler], **({} if guidance is None else {"guidance_scale": guidance})}
     name = f"eval_{args.sampler}" + ("" if guidance is None else f"_cfg{guidance:g}")
     if guidance is None:                                          # one folder: --out_dir itself
         folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), name)
@@ -576,7 +576,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, and "
                                             "5.2's sweep over guidance scales (the paper's tables: report.py)")
     p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt)")
-    p.add_argument("--sampler", default="ddim50", choices=sorted(S.SAMPLING))
+    p.add_argument("--sampler", default="ddim50", choices=sorted(sample.SAMPLING))
     p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")
     p.add_argument("--ref_dir", help="real images for FID / pixel Frechet")
     p.add_argument("--n", type=int, default=0, help="number of prompts (5.1: 30000); 0 = all")

@@ -1,11 +1,11 @@
 """export_coreml.py -- on-device export and latency of MobileDiffusion (paper 5.2, Table 4).
 
-Paper: ../shared/paper/mobilediffusion.txt
+Paper: Zhao et al., MobileDiffusion: Instant Text-to-Image Generation on Mobile Devices.
   3.2  "gelu -> swish" and "softmax -> ReLU": operations that are cheap and numerically safe in fp16/int8 on
        mobile hardware. The fp16-vs-fp32 check below measures that claim on our own modules (--numerics).
   5.2  Table 4: per-component on-device latency (text encoder, decoder, UNet per step, steps, overall), measured
        with apple/ml-stable-diffusion on an iPhone 15 Pro.
-Seed for the Android route: ../shared/paper/squeezing-large-scale-diffusion-models-for-mobile.txt (TFLite:
+The Android route follows Choi et al., Squeezing Large-Scale Diffusion Models for Mobile (TFLite:
 fp16-safe activations, weight quantisation, components exported and loaded one at a time).
 
 Each component is exported on its own, with fixed shapes and named inputs/outputs, as ml-stable-diffusion does:
@@ -43,7 +43,7 @@ import torch.nn as nn
 
 import config
 import md
-import sample as S
+import sample
 import vae as vae_lib
 from config import need                          # optional packages: a message naming them, not a traceback
 
@@ -163,10 +163,10 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     if ckpt:
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py)")
-        unet, vae, text, conf = S.load_diffusion(ckpt)
+        unet, vae, text, conf = sample.load_diffusion(ckpt)
         light = decoder or os.path.join(os.path.dirname(ckpt), "decoder.pt")
         if os.path.isfile(light):                                  # 3.5: the distilled light decoder
-            vae_light = S.load_vae(light)
+            vae_light = sample.load_vae(light)
             vae_light.cfg = dataclasses.replace(vae_light.cfg, scaling_factor=vae.cfg.scaling_factor)
             vae = vae_light
         elif decoder:
@@ -176,14 +176,14 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     if preset not in md.PRESETS:
         raise ValueError(f"--preset {preset!r}: unknown; choose from {sorted(md.PRESETS)}")
     torch.manual_seed(0)
-    ucfg = md.PRESETS[preset]
+    unet_cfg = md.PRESETS[preset]
     vname = next(n for n in (f"{preset}-light", preset, "md-light") if n in vae_lib.PRESETS)
-    vcfg = dataclasses.replace(vae_lib.PRESETS[vname], latent_channels=ucfg.in_channels)
+    vcfg = dataclasses.replace(vae_lib.PRESETS[vname], latent_channels=unet_cfg.in_channels)
     tcfg = md.TEXT_PRESETS["tiny" if preset == "tiny" else "clip-l14"]
     # Random weights need no vocabulary: only encode_ids (token ids -> features) is exported, so the byte
     # tokenizer stands in for CLIP's BPE (the tiny preset's word tokenizer needs no files); the network is the same.
-    tcfg = dataclasses.replace(tcfg, tokenizer="bytes" if tcfg.tokenizer == "clip" else tcfg.tokenizer, width=ucfg.context_dim)
-    unet, vae, text = (untrained_like_trained(m.eval()) for m in (md.UNet(ucfg), vae_lib.VAE(vcfg), md.TextEncoder(tcfg)))
+    tcfg = dataclasses.replace(tcfg, tokenizer="bytes" if tcfg.tokenizer == "clip" else tcfg.tokenizer, width=unet_cfg.context_dim)
+    unet, vae, text = (untrained_like_trained(m.eval()) for m in (md.UNet(unet_cfg), vae_lib.VAE(vcfg), md.TextEncoder(tcfg)))
     return unet, vae, text, \
         {"source": f"random weights, preset {preset}", "decoder": vname, "resolution": 512}
 

@@ -103,7 +103,7 @@ PRESETS = {
                      self_attn=(True, True, True, False), cross_attn=(True, True, True, False),
                      mid_block=True, head_dim=40, shared_kv=False, attn_act="softmax", ff_act="gelu",
                      ff_mult=4),
-    # The MD topology, narrow: a few million params, trains on a 2-core CPU at 64px (8x8 latent).
+    # The MD topology, narrow: a few million params, trains on a 2-core CPU at 32px (an 8x8 latent, f = 4).
     # Softmax attention because the tiny run trains from scratch; 3.2 finetunes into relu afterwards.
     # pooled_text: with cross-attention alone a run of minutes does not learn the shape's colour; adding the
     # mean text embedding to the time embedding gives every conv block the caption, at no extra cost
@@ -336,7 +336,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
+class Block(nn.Module):
     """One conv block followed (optionally) by one transformer stack: the unit Table 6 counts."""
 
     def __init__(self, c_in: int, c_out: int, level: int, depth: int, cfg: UNetConfig,
@@ -386,7 +386,7 @@ class UNet(nn.Module):
         for i in range(n):
             stages = nn.ModuleList()
             for _ in range(cfg.down_layers[i]):
-                stages.append(Stage(c, ch[i], i, cfg.down_depth[i], cfg))
+                stages.append(Block(c, ch[i], i, cfg.down_depth[i], cfg))
                 c = ch[i]
                 skips.append(c)
             self.down.append(stages)
@@ -396,14 +396,14 @@ class UNet(nn.Module):
 
         self.mid = None
         if cfg.mid_block:                             # SD's res-(SA+CA)-res bottleneck (3.4: MD drops it)
-            self.mid = nn.ModuleList([Stage(c, c, n - 1, cfg.mid_depth, cfg, sa=True, ca=True),
-                                      Stage(c, c, n - 1, 0, cfg)])
+            self.mid = nn.ModuleList([Block(c, c, n - 1, cfg.mid_depth, cfg, sa=True, ca=True),
+                                      Block(c, c, n - 1, 0, cfg)])
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(n)):
             stages = nn.ModuleList()
             for _ in range(cfg.down_layers[i] + 1):
-                stages.append(Stage(c + skips.pop(), ch[i], i, cfg.up_depth[i], cfg))
+                stages.append(Block(c + skips.pop(), ch[i], i, cfg.up_depth[i], cfg))
                 c = ch[i]
             self.up.append(stages)
             if i > 0:
@@ -509,7 +509,7 @@ class TextConfig:
     bos_id: int = 49406              # <|startoftext|>
     eos_id: int = 49407              # <|endoftext|>, also the padding token (SD's convention)
     pad_id: int = 49407
-    train: bool = False              # 3: CLIP stays frozen; the tiny byte-level encoder is trained jointly
+    train: bool = False              # 3: CLIP stays frozen; the tiny word-token encoder is trained jointly
 
 
 TEXT_PRESETS = {

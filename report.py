@@ -22,8 +22,8 @@ import config
 import data
 import export_coreml
 import md
-import plugins as P
-import sample as S
+import plugins
+import sample
 import train
 from evaluate import cell_mask, evaluate_t2i, heldout_images, heldout_prompts, keep_psnr, measure_plugin, plugin_heldout
 
@@ -45,9 +45,9 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
     # Table 2: samplers on the held-out prompts, same prompts and seeds for every row.
     cfg = train.TrainConfig()
     prompts, real = heldout_prompts(cfg, eval_images), heldout_images(cfg, eval_images)
-    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", S.SAMPLING["ddim50"]),
-            ("8-step student", "distill.pt", S.SAMPLING["eight_step"]),
-            ("1-step UFOGen", "ufogen.pt", S.SAMPLING["onestep"]),
+    rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", sample.SAMPLING["ddim50"]),
+            ("8-step student", "distill.pt", sample.SAMPLING["eight_step"]),
+            ("1-step UFOGen", "ufogen.pt", sample.SAMPLING["onestep"]),
             ("1-step DDIM + CFG 3 (base)", "diffusion.pt", dict(steps=1, guidance_scale=3.0, sampler="ddim"))]
     out += [f"## Table 2 (toy): {len(prompts)} held-out prompts (unseen attribute combinations), 2 CPU cores", "",
             "| model | colour | background | shape | Fréchet (8×8 pixels) | ms / image | |", "|---|---|---|---|---|---|---|"]
@@ -57,7 +57,7 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
         if not os.path.isfile(path):
             out.append(f"| {name} | | | | | | not run: no {path} (python train.py{' --stage distill' if file == 'distill.pt' else ''}) |")
             continue
-        res, imgs = evaluate_t2i(S.Pipeline.from_checkpoint(path), prompts, real=real, **kw)
+        res, imgs = evaluate_t2i(sample.Pipeline.from_checkpoint(path), prompts, real=real, **kw)
         out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {res['fd']:.1f} "
                    f"| {res['ms_per_image']:.1f} | measured |")
         grid.append(imgs[:8])
@@ -149,10 +149,10 @@ def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: s
     """The 5.4 table on the tiny setup: every plugin with and without it, for the base (DDIM-50 + CFG) and for
     each one-step model in `onestep` ({row name: ufogen.pt}); plus a Figure-4-like grid."""
     os.makedirs(out_dir, exist_ok=True)
-    base_pipe = S.Pipeline.from_checkpoint(base, device)
+    base_pipe = sample.Pipeline.from_checkpoint(base, device)
     ev = plugin_heldout(base_pipe.resolution, n, device)
-    models = [("base, DDIM-50 + CFG 3", base_pipe, S.SAMPLING["ddim50"])]
-    models += [(name, S.Pipeline.from_checkpoint(path, device), S.SAMPLING["onestep"]) for name, path in onestep.items()]
+    models = [("base, DDIM-50 + CFG 3", base_pipe, sample.SAMPLING["ddim50"])]
+    models += [(name, sample.Pipeline.from_checkpoint(path, device), sample.SAMPLING["onestep"]) for name, path in onestep.items()]
     grid, results = [], {}
     for name, pipe, kw in models:
         r = {}
@@ -206,7 +206,7 @@ def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: s
               "Grid (plugins.png), 8 prompts per row: base without / with LoRA, without / with adapter, inpainted; "
               "the same for the first one-step model (inpainted with 4 steps); the edge conditions; the inpainting "
               "inputs, with the mask grey; the originals."]
-    cond = P.edges(ev["images"][:8]).cpu().expand(-1, 3, -1, -1) * 2 - 1
+    cond = plugins.edges(ev["images"][:8]).cpu().expand(-1, 3, -1, -1) * 2 - 1
     masked = ev["images"][:8].cpu() * (1 - ev["mask"][:8].cpu())
     data.image_grid(torch.cat(grid + [cond, masked, ev["images"][:8].cpu()]), nrow=8).save(os.path.join(out_dir, "plugins.png"))
     text = "\n".join(lines)

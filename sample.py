@@ -89,6 +89,13 @@ def v_loss_weight(sched: dict, t: torch.Tensor, min_snr: float, like: torch.Tens
     return (min_snr * _at(sched["sigma"], t, like).square()).clamp(max=1.0)
 
 
+def v_loss(sched: dict, v_pred: torch.Tensor, x0, t, eps, min_snr: float) -> torch.Tensor:
+    """The loss of every stage that trains the denoiser (diffusion, and the 5.4 plugins on the frozen base): the
+    v-MSE against v_target, per sample weighted by v_loss_weight (min-SNR-gamma, or 1), in fp32."""
+    err = (v_pred.float() - v_target(sched, x0, t, eps)).square()
+    return (v_loss_weight(sched, t, min_snr, err) * err).mean()
+
+
 def x0_from_v(sched: dict, x_t, t, v) -> torch.Tensor:
     """x_0 = alpha_t x_t - sigma_t v (exact for alpha^2 + sigma^2 = 1)."""
     return _at(sched["alpha"], t, x_t) * x_t - _at(sched["sigma"], t, x_t) * v
@@ -103,13 +110,6 @@ def eps_from_x0(sched: dict, x_t, t, x0) -> torch.Tensor:
 # Denoisers: x0 = denoise(x_t, t). Every sampler takes one, so CFG, LoRA, adapters or a one-step
 # generator plug in without the samplers knowing.
 # ----------------------------------------------------------------------------------------------------
-
-def v_denoiser(unet, sched: dict, context: torch.Tensor):
-    """The diffusion UNet (v-prediction) as an x0-denoiser for a fixed text context."""
-    def denoise(x, t):
-        return x0_from_v(sched, x, t, unet(x, t, context))
-    return denoise
-
 
 def guided_denoiser(unet, sched: dict, context: torch.Tensor, uncond: torch.Tensor, scale: float):
     """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + s (v_cond - v_uncond), conditional and
@@ -159,7 +159,6 @@ def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 
         x = a_p * x0 + math.sqrt(max(s_p ** 2 - s ** 2, 0.0)) * eps
         if s > 0:
             x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x
 
 
 @torch.no_grad()
@@ -179,7 +178,6 @@ def ddpm(denoise, x, sched: dict, steps: int = T, generator=None, t_start=None):
         mean = (ab_p ** 0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_p) / (1 - ab_t)) * x
         var = beta * (1 - ab_p) / (1 - ab_t)                      # posterior variance (DDPM Eq. 7)
         x = mean + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x
 
 
 @torch.no_grad()
@@ -194,7 +192,6 @@ def renoise(denoise, x, sched: dict, steps: int = 1, generator=None, t_start=Non
             return x0
         nxt = torch.full((x.shape[0],), ts[i + 1], device=x.device, dtype=torch.long)
         x = q_sample(sched, x0, nxt, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
-    return x
 
 
 SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "renoise": renoise}
@@ -251,10 +248,10 @@ def load_diffusion(path: str, ema: bool = True):
     conf = ck.get("config", {})
     if "unet" not in conf:
         raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
-    ucfg, tcfg = config.config_from_dict(md.UNetConfig, conf["unet"]), config.config_from_dict(md.TextConfig, conf["text"])
+    unet_cfg, tcfg = config.config_from_dict(md.UNetConfig, conf["unet"]), config.config_from_dict(md.TextConfig, conf["text"])
     vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
-    model = Denoiser(md.UNet(ucfg), text)
+    model = Denoiser(md.UNet(unet_cfg), text)
     load_denoiser_state(model, ck["ema" if ema else "model"], path)
     vae = vae_lib.VAE(vcfg)
     vae.load_state_dict(ck["vae"], source=path)

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import md
-import sample as S
+import sample
 
 
 @dataclass
@@ -104,8 +104,8 @@ def validate(cfg: UFOGenConfig) -> None:
                          f"not 'diffusion' (its target is the data x0)")
     if cfg.t_power <= 0:
         raise ValueError(f"UFOGenConfig.t_power = {cfg.t_power}, expected > 0")
-    if not 0 <= cfg.gap < S.T:
-        raise ValueError(f"UFOGenConfig.gap = {cfg.gap}, expected 0 .. {S.T - 1}")
+    if not 0 <= cfg.gap < sample.T:
+        raise ValueError(f"UFOGenConfig.gap = {cfg.gap}, expected 0 .. {sample.T - 1}")
     if cfg.recon_gamma not in ("diffusion", "all", "none"):
         raise ValueError(f"UFOGenConfig.recon_gamma = {cfg.recon_gamma!r}, expected 'diffusion', 'all' or 'none'")
     if cfg.d_time not in ("t_prev", "t"):
@@ -170,7 +170,7 @@ def gamma(sched: dict, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """gamma_t of Eq. 1. We take 1 / sigma_t^2: since x0 - x0' = sigma_t (v' - v) for a v-prediction
     network, lambda gamma_t ||x0 - x0'||^2 is then exactly the base model's own v-loss, i.e. the
     'original diffusion loss' that UFOGen keeps."""
-    return S._at(sched["sigma"], t, like) ** -2
+    return sample._at(sched["sigma"], t, like) ** -2
 
 
 def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_ema=None, uncond=None):
@@ -182,14 +182,14 @@ def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_
         return x0
     net = teacher if cfg.recon == "distill" else g_ema
     with torch.no_grad():
-        return S.guided_denoiser(net, sched, context, uncond, cfg.recon_guidance)(x_t, t)
+        return sample.guided_denoiser(net, sched, context, uncond, cfg.recon_guidance)(x_t, t)
 
 
 def sample_t(cfg: UFOGenConfig, n: int, generator: torch.Generator) -> torch.Tensor:
     """(n,) training timesteps in [1, T). UFOGen draws them uniformly; t_power > 1 puts more of them near T,
     where a one-step sampler evaluates G, at the cost of the small t that multi-step sampling also uses."""
     u = torch.rand(n, generator=generator) ** (1.0 / cfg.t_power)
-    return (1 + u * (S.T - 1)).long().clamp(max=S.T - 1)
+    return (1 + u * (sample.T - 1)).long().clamp(max=sample.T - 1)
 
 
 def recon_loss(x0_pred, target, t, sched, weighted: bool = True):
@@ -217,18 +217,17 @@ def distill_target(teacher_denoise, x_t, t: int, t_next: int, sched: dict, sub_s
         x0~ = (x_next - (sigma'/sigma) x_t) / (alpha' - (sigma'/sigma) alpha).
     At the last student step (t_next = -1) the target is the teacher's x0 at the end of its steps."""
     a_t, s_t = float(sched["alpha"][t]), float(sched["sigma"][t])
-    stop = t_next if t_next >= 0 else -1
-    ts = [round(t - i * (t - stop) / sub_steps) for i in range(sub_steps)]   # t ... (exclusive of stop)
+    ts = [round(t - i * (t - t_next) / sub_steps) for i in range(sub_steps)]   # t ... (t_next excluded)
     x = x_t
     for i, tt in enumerate(ts):
         tb = torch.full((x.shape[0],), tt, dtype=torch.long, device=x.device)
         x0 = teacher_denoise(x, tb)
-        nxt = ts[i + 1] if i + 1 < len(ts) else stop
+        nxt = ts[i + 1] if i + 1 < len(ts) else t_next
         if nxt < 0:
             return x0
-        eps = S.eps_from_x0(sched, x, tb, x0)
+        eps = sample.eps_from_x0(sched, x, tb, x0)
         x = float(sched["alpha"][nxt]) * x0 + float(sched["sigma"][nxt]) * eps
-    a_n, s_n = float(sched["alpha"][stop]), float(sched["sigma"][stop])
+    a_n, s_n = float(sched["alpha"][t_next]), float(sched["sigma"][t_next])
     return (x - (s_n / s_t) * x_t) / (a_n - (s_n / s_t) * a_t)
 
 

@@ -77,10 +77,9 @@ PRESETS = {
     # Stable Diffusion's AutoencoderKL (kl-f8, c = 4): loads real SD VAE weights from a local folder.
     "sd": VAEConfig(latent_channels=4),
     # 32px synthetic shapes on a 2-core CPU in minutes. A toy-only departure: 3 levels, so f = 4 where SD and
-    # 3.5 have f = 8. It keeps the UNet's 8x8 latent grid while the VAE costs a quarter of a 64px one (at
-    # 64px / f = 8 the VAE took a third of the run for 25 dB: docs/results.md). The adversarial loss starts
-    # at step 1100 of the run's 1800 (3.5's four losses; LDM starts it after 50k steps); no perceptual term
-    # without a local VGG file. Scaling factor re-estimated after training. A toy-only departure: KL weight
+    # 3.5 have f = 8. It keeps the UNet's 8x8 latent grid while the VAE costs a quarter of a 64px / f = 8 one.
+    # The adversarial loss starts at step 1100 of the run's 1800 (3.5's four losses; LDM starts it after 50k
+    # steps); no perceptual term without a local VGG file. Scaling factor re-estimated after training. A toy-only departure: KL weight
     # 1e-4 (LDM: 1e-6), for a posterior noise that teaches the decoder to forgive small latent errors, at the
     # same PSNR; its effect on the samples was within the run-to-run spread (docs/results.md).
     "tiny": VAEConfig(channels=(32, 64, 64), layers=1, decoder_channels=(32, 64, 64), decoder_layers=2,
@@ -153,7 +152,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample(nn.Module):
+class AsymmetricDownsample(nn.Module):
     """3x3 stride-2 conv with SD's asymmetric (right/bottom) zero padding."""
 
     def __init__(self, c: int):
@@ -170,7 +169,7 @@ class Level(nn.Module):
     def __init__(self, c_in: int, c_out: int, n: int, groups: int, sampler: type | None):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n))
-        self.sampler_name = "downsamplers" if sampler is Downsample else "upsamplers"
+        self.sampler_name = "downsamplers" if sampler is AsymmetricDownsample else "upsamplers"
         setattr(self, self.sampler_name, nn.ModuleList([sampler(c_out)] if sampler else []))
 
     def forward(self, x):
@@ -187,7 +186,7 @@ class Encoder(nn.Module):
         ch, g = cfg.channels, cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers, g, Downsample if i < len(ch) - 1 else None)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers, g, AsymmetricDownsample if i < len(ch) - 1 else None)
             for i in range(len(ch)))
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_attn)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
@@ -433,6 +432,18 @@ def adaptive_weight(rec_loss, g_loss, last_layer: torch.Tensor, max_weight: floa
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def with_perceptual(rec: torch.Tensor, perceptual, weight: float, recon: torch.Tensor, target: torch.Tensor):
+    """3.5's perceptual term added to a reconstruction loss, when a PerceptualLoss is at hand (else rec as is)."""
+    return rec if perceptual is None else rec + weight * perceptual(recon, target)
+
+
+def adversarial_term(rec_loss: torch.Tensor, logits_fake: torch.Tensor, cfg: VAEConfig, last_layer: torch.Tensor):
+    """3.5's adversarial term of the autoencoder's loss: disc_weight x the adaptive weight x the hinge G loss.
+    Returns (the term to add, the unweighted G loss for the log)."""
+    g_loss = g_hinge_loss(logits_fake)
+    return cfg.disc_weight * adaptive_weight(rec_loss, g_loss, last_layer) * g_loss, g_loss
 
 
 def decoder_distill_loss(light_recon, full_recon, target) -> torch.Tensor:

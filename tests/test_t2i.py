@@ -15,6 +15,7 @@ import data
 import md
 import sample as S
 import train
+import train_utils
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -264,23 +265,23 @@ def test_resume_continues_bit_identically(tmp_path, tiny_vae_ckpt, cached):
 
 def test_cached_training_set_is_the_vae_encoding_of_the_first_images(tiny_vae_ckpt):
     vae, ds = S.load_vae(tiny_vae_ckpt), data.Shapes("train", 32)
-    cached = train.encode_dataset(ds, 5, vae, "cpu", batch=2)
+    cached = train_utils.encode_dataset(ds, 5, vae, "cpu", batch=2)
     x = torch.stack([ds[i][0] for i in range(5)])
     with torch.no_grad():
         want = vae.encode(x).mode() * vae.cfg.scaling_factor           # what a streamed step computes
     torch.testing.assert_close(cached.latents, want, rtol=1e-5, atol=1e-5)
     assert len(cached) == 5 and [cached[i][1] for i in range(5)] == [ds[i][1] for i in range(5)]
-    assert train.to_latents(cached.latents, vae, cached=True) is cached.latents
-    torch.testing.assert_close(train.to_latents(x, vae, cached=False), want)
+    assert train_utils.to_latents(cached.latents, vae, cached=True) is cached.latents
+    torch.testing.assert_close(train_utils.to_latents(x, vae, cached=False), want)
 
 
-def test_train_images_auto_is_resolved_per_stage():
-    cfg = train.TrainConfig()                                         # tiny defaults: 600 x 32 images > 8192
-    assert train.stage_config(cfg, "diffusion").train_images == train.AUTO_TRAIN_IMAGES
-    assert train.stage_config(dataclasses.replace(cfg, steps=10), "diffusion").train_images == 0   # no repeats
-    assert train.stage_config(cfg, "vae").train_images == 0                                        # trains on pixels
-    assert train.stage_config(dataclasses.replace(cfg, data="/my/folder"), "diffusion").train_images == 0
-    assert train.stage_config(dataclasses.replace(cfg, train_images=100), "ufogen").train_images == 100
+def test_train_images_default_is_resolved_per_stage():
+    # no flags: the tiny defaults, 600 x 64 images > 8192
+    assert train.stage_config({}, "diffusion").train_images == train.SHAPES_CACHE
+    assert train.stage_config({"steps": 10}, "diffusion").train_images == 0                        # no repeats
+    assert train.stage_config({}, "vae").train_images == 0                                         # trains on pixels
+    assert train.stage_config({"data": "/my/folder"}, "diffusion").train_images == 0
+    assert train.stage_config({"train_images": 100}, "ufogen").train_images == 100
 
 
 def test_min_snr_weight_is_min_snr_plus_one_gamma_over_snr_plus_one():

@@ -13,7 +13,7 @@ import config
 import md
 import plugins as P
 import sample as S
-import train
+import train_utils
 import ufogen as U
 
 
@@ -84,7 +84,7 @@ def test_ema_distill_with_decay_one_equals_distill(random_unet):
     with torch.no_grad():
         for p in gen.parameters():                                     # G has trained away from the base
             p.add_(torch.randn_like(p) * 0.01)
-    train.ema_update(gen_ema, gen, decay=1.0)
+    train_utils.ema_update(gen_ema, gen, decay=1.0)
     z0, t, ctx = batch()
     x_t = S.q_sample(sched, z0, t, z0.flip(0))
     distill = U.recon_target(U.UFOGenConfig(recon="distill"), z0, x_t, t, ctx, sched, teacher=teacher)
@@ -150,7 +150,7 @@ def test_distill_target_of_an_oracle_teacher_is_its_x0():
 def test_one_step_sampling_is_deterministic_for_a_seed(random_unet):
     unet, sched = random_unet(), S.make_schedule()
     ctx = torch.randn(2, 77, 128)
-    den = S.v_denoiser(unet, sched, ctx)
+    den = S.guided_denoiser(unet, sched, ctx, ctx, 1.0)   # the plain model
     a = S.renoise(den, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), sched, 1)
     b = S.renoise(den, torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)), sched, 1)
     assert torch.equal(a, b)

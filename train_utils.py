@@ -1,0 +1,472 @@
+"""
+train_utils.py -- the plumbing under train.py's loops, so that each stage function there is mostly its loop:
+devices and DDP, the learning rate and the optimiser step, the step's random numbers and this process's slice
+of the batch, the data stream (and latents cached once), checkpoints and resume, the one way metrics are
+logged (Meter), and the end-of-stage throughput report. Nothing here knows the paper's losses: those live in
+vae.py, sample.py (the diffusion loss) and ufogen.py.
+
+`cfg` below is always a train.TrainConfig of one stage (train.stage_config).
+"""
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import config
+import data
+import evaluate
+import md
+import plugins
+import sample
+import vae as vae_lib
+from config import diverged, load_checkpoint, refuse_if_mismatch, save_checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, DDP, mixed precision
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup(cfg):
+    """DDP from torchrun's env vars (nanoGPT); NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return rank, world, device
+
+
+def autocast(cfg, device: str):
+    """bf16 autocast where it helps (GPUs); a no-op context on CPU, so the tiny run is exact fp32."""
+    dt = cfg.dtype
+    if dt == "auto":
+        dt = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    if dt == "fp32":
+        return nullcontext()
+    return torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dt])
+
+
+def wrap(model, cfg, world: int, device: str):
+    """torch.compile (--compile) and DDP around a trained network; the unwrapped module keeps the weights."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning rate and the optimiser step
+# ----------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg, base_lr: float, steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_frac * lr (nanoGPT) or constant. 5.1 states no schedule."""
+    if step < cfg.warmup:
+        return base_lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return base_lr
+    progress = (step - cfg.warmup) / max(steps - cfg.warmup, 1)
+    return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(step: int, cfg, *opts) -> float:
+    """lr_at(step) set on every optimiser; returned for the log."""
+    lr = lr_at(step, cfg, cfg.lr, cfg.steps)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return lr
+
+
+def make_optimizer(params, cfg, lr: float, betas=None):
+    """5.1: AdamW (weight decay cfg.weight_decay)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas or (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def gan_optimizers(params, disc, cfg):
+    """The autoencoder's and its discriminator's optimisers. LDM trains its autoencoders with Adam(0.5, 0.9):
+    a low beta1 keeps the GAN game from oscillating."""
+    return (make_optimizer(params, cfg, cfg.lr, betas=(0.5, 0.9)),
+            make_optimizer(disc.parameters(), cfg, cfg.lr, betas=(0.5, 0.9)))
+
+
+def clip_and_step(params, opt, cfg, step: int) -> float:
+    """Clip the global gradient norm and step; a non-finite norm (a NaN or inf loss, or an overflow) stops the
+    stage before the update reaches the weights (Diverged)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not math.isfinite(float(norm)):
+        raise diverged(cfg.stage, cfg.out_dir, "gradient norm", float(norm), step + 1)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+
+def ema_warmup(cfg, step: int) -> float:
+    """The EMA decay at `step`: cfg.ema_decay, lower at the start ((1 + step) / (10 + step)) for short runs."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step's randomness, this process's slice of it, and the data stream
+# ----------------------------------------------------------------------------------------------------
+
+def step_generator(cfg, step: int) -> torch.Generator:
+    """The step's randomness for the *global* batch, from (seed, step) alone: each process takes its slice
+    (micro_slice), so the trajectory does not depend on the number of processes and a resumed run repeats it
+    bit for bit."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def micro_slice(cfg, rank: int, world: int, k: int) -> slice:
+    """Where micro-batch k of this process sits in the global batch (the layout data.batches yields)."""
+    per_proc = cfg.batch_size // world
+    micro = per_proc // cfg.grad_accum
+    return slice(rank * per_proc + k * micro, rank * per_proc + (k + 1) * micro)
+
+
+def diffusion_noise(cfg, step: int, latent_shape: tuple):
+    """(generator, t, eps, drop) for the *global* batch of a denoiser-training step: timesteps, noise and the
+    CFG caption dropout, each process taking its slice (micro_slice)."""
+    rng = step_generator(cfg, step)
+    t = torch.randint(0, sample.T, (cfg.batch_size,), generator=rng)
+    eps = torch.randn((cfg.batch_size, *latent_shape), generator=rng)
+    drop = torch.rand(cfg.batch_size, generator=rng) < cfg.p_uncond
+    return rng, t, eps, drop
+
+
+def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):
+    """(dataset, batch stream from step `start`, Log) for cfg.stage. Given the stage's frozen `vae` and
+    cfg.train_images = N, the dataset is the first N training images as latents, encoded once (the stream then
+    yields latents, not images; see to_latents)."""
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
+    if vae is not None and cfg.train_images > 0:
+        dataset = encode_dataset(dataset, cfg.train_images, vae, device)
+    stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device,
+                          cfg.num_workers)
+    return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+
+
+@torch.no_grad()
+def encode_dataset(dataset, n: int, vae, device: str, batch: int = 256) -> data.Latents:
+    """The first n items as (scaled posterior-mean latent, caption) pairs: the VAE runs once per image instead
+    of once per step, and the images are rendered or decoded from disk once."""
+    latents, captions = [], []
+    for i in range(0, min(n, len(dataset)), batch):
+        items = [dataset[j] for j in range(i, min(i + batch, n, len(dataset)))]
+        x = torch.stack([im for im, _ in items]).to(device)
+        latents.append(to_latents(x, vae, cached=False).cpu())
+        captions += [c for _, c in items]
+    return data.Latents(torch.cat(latents), captions)
+
+
+def to_latents(x: torch.Tensor, vae, cached: bool) -> torch.Tensor:
+    """A batch from stage_data as diffusion latents (B, c, H/f, W/f): encoded here (posterior mean, not a
+    sample: deterministic; the posterior std is tiny anyway), or already encoded (`cached`: cfg.train_images)."""
+    if cached:
+        return x
+    with torch.no_grad():
+        return vae.encode(x).mode() * vae.cfg.scaling_factor
+
+
+def latent_batch(x, texts, vae, text, cached: bool):
+    """Data latents (to_latents) and frozen text contexts for the post-training stages."""
+    with torch.no_grad():
+        return to_latents(x, vae, cached), text(texts)
+
+
+def due(step: int, every: int, cfg) -> bool:
+    """After optimiser step `step` (0-based): every `every` steps, and at the last."""
+    return (step + 1) % every == 0 or step + 1 == cfg.steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: one way for every stage
+# ----------------------------------------------------------------------------------------------------
+
+class Meter:
+    """A step's metrics: add() once per micro-batch, mean() = the mean over the step's micro-batches and, under
+    DDP, over the processes (one all-reduce per step); then it starts the next step empty."""
+
+    def __init__(self, world: int, device: str):
+        self.world, self.device, self.sums, self.counts = world, device, {}, {}
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict:
+        keys = sorted(self.sums)
+        out = {k: self.sums[k] / self.counts[k] for k in keys}
+        if self.world > 1 and keys:
+            vec = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(vec)
+            out = {k: float(v) / self.world for k, v in zip(keys, vec.tolist())}
+        self.sums, self.counts = {}, {}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: resume, refuse mismatches, write each stage's payload
+# ----------------------------------------------------------------------------------------------------
+
+# TrainConfig fields a --resume may change: how long to train (steps; the cosine schedule stretches with it),
+# how often to log / sample / save / evaluate, and where and how fast it runs. Any other difference (seed,
+# batch size, lr, resolution, data, ...) would silently make the checkpoint a mix of two runs: refused.
+RESUMABLE = ("steps", "resume", "overwrite", "log_every", "sample_every", "ckpt_every", "eval_images", "eval_steps",
+             "guidance", "num_workers", "device", "compile", "dtype", "init_from", "out_dir")
+
+
+def stage_checkpoint(cfg, path: str, rank: int = 0) -> dict | None:
+    """What a stage starts from: with --resume, its checkpoint (refused if its training config differs from this
+    run's in a field outside RESUMABLE; a stage not begun yet starts fresh, so `--stage all --resume` goes on
+    after any stage). Without --resume, None, refusing to replace an existing checkpoint unless --overwrite."""
+    if not cfg.resume:
+        if os.path.isfile(path) and not cfg.overwrite:
+            raise ValueError(f"{path} exists: give --resume to continue it, or --overwrite to train {cfg.stage} again "
+                             f"from scratch (replacing it; the stages trained from it would no longer match)")
+        return None
+    if not os.path.isfile(path):
+        if rank == 0:
+            print(f"{cfg.stage}: --resume, but no {path} yet: starting this stage from step 0")
+        return None
+    ck = load_checkpoint(path)
+    saved = ck.get("config", {}).get("train", ck.get("train"))
+    if saved is None:
+        raise ValueError(f"{path}: no training config saved in it; cannot check that --resume continues the same run")
+    refuse_if_mismatch(path, "training", saved, cfg, ignore=RESUMABLE)
+    return ck
+
+
+def restore(ck: dict, **parts) -> int:
+    """Load a resumed checkpoint's states into the given modules and optimisers (keyword = the checkpoint key);
+    returns the step to go on from."""
+    for key, obj in parts.items():
+        obj.load_state_dict(ck[key])
+    return ck["step"]
+
+
+def resume_autoencoder(cfg, path: str, vcfg, model, disc, opt, opt_d, rank: int) -> int:
+    """Restore a vae/decoder stage (VAE, discriminator, both optimisers, RNG); returns the step to go on from."""
+    ck = stage_checkpoint(cfg, path, rank)
+    if ck is None:
+        return 0
+    refuse_if_mismatch(path, "VAE", ck["config"]["vae"], vcfg, ignore=("scaling_factor",))  # re-estimated
+    model.load_state_dict(ck["model"], source=path)
+    torch.set_rng_state(ck["rng"]["torch"])
+    return restore(ck, disc=disc, opt=opt, opt_d=opt_d)
+
+
+def save_autoencoder(path: str, cfg, step: int, model, vcfg, disc, opt, opt_d) -> None:
+    """vae.pt / decoder.pt: what sample.load_vae reads (model, config['vae']) and what --resume needs."""
+    save_checkpoint(path, {"stage": cfg.stage, "step": step, "model": model.state_dict(), "disc": disc.state_dict(),
+                           "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                           "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
+
+
+def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae) -> None:
+    """diffusion.pt: the Denoiser and its EMA (without a text encoder read from a folder), the frozen VAE, the
+    configs (what sample.load_diffusion reads) and the optimiser and RNG for --resume."""
+    save_checkpoint(path, {
+        "stage": cfg.stage, "step": step, "model": sample.trainable_state(model), "ema": sample.trainable_state(ema),
+        "opt": opt.state_dict(), "vae": vae.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        "config": {"unet": dataclasses.asdict(model.unet.cfg), "text": dataclasses.asdict(model.text.cfg),
+                   "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg)}})
+
+
+def save_generator(path: str, cfg, step: int, gen, gen_ema, text, vae, base_conf: dict, stage_conf: dict,
+                   **raw) -> None:
+    """ufogen.pt / distill.pt: read by Pipeline.from_checkpoint / load_diffusion like a diffusion.pt (LoRA
+    merged), plus the raw training state (`raw`: modules and optimisers by checkpoint key) for --resume.
+    stage_conf: the stage's own config by name ({"ufogen": ...} or {"distill": ...})."""
+    def merged(m):
+        return sample.trainable_state(sample.Denoiser(plugins.merge_lora(copy.deepcopy(m)), text))
+    save_checkpoint(path, {
+        "stage": cfg.stage, "step": step, "model": merged(gen), "ema": merged(gen_ema), "vae": vae.state_dict(),
+        **{k: v.state_dict() for k, v in raw.items()},
+        "lora": plugins.lora_state_dict(gen),
+        "config": {**base_conf, "train": dataclasses.asdict(cfg),
+                   **{k: dataclasses.asdict(v) for k, v in stage_conf.items()}}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models the stages start from
+# ----------------------------------------------------------------------------------------------------
+
+def make_perceptual(cfg, vcfg, rank: int, device: str):
+    """The 3.5 perceptual loss if a local VGG16 file is given and the preset weights it; otherwise None,
+    said once in the log (never substituted silently)."""
+    if cfg.vgg_weights and vcfg.perceptual_weight > 0:
+        return vae_lib.PerceptualLoss(cfg.vgg_weights).to(device)
+    if rank == 0:
+        why = "perceptual_weight = 0 in this preset" if vcfg.perceptual_weight == 0 else "no --vgg_weights file given"
+        print(f"{cfg.stage}: perceptual loss OFF ({why}); training with the other loss terms only")
+    return None
+
+
+def light_from_teacher(light_cfg, teacher):
+    """3.5's light VAE: the teacher's encoder (bit-identical, frozen) and a fresh pruned decoder."""
+    t = teacher.cfg                                               # the encoder is the teacher's, field for field
+    light_cfg = dataclasses.replace(light_cfg, in_channels=t.in_channels, latent_channels=t.latent_channels,
+                                    channels=t.channels, layers=t.layers, mid_attn=t.mid_attn,
+                                    scaling_factor=t.scaling_factor)
+    model = vae_lib.VAE(light_cfg)
+    model.encoder.load_state_dict(teacher.encoder.state_dict())
+    model.quant_conv.load_state_dict(teacher.quant_conv.state_dict())
+    model.post_quant_conv.load_state_dict(teacher.post_quant_conv.state_dict())
+    model.encoder.requires_grad_(False)
+    model.quant_conv.requires_grad_(False)
+    return model
+
+
+def build_text_encoder(cfg, text_cfg: md.TextConfig) -> md.TextEncoder:
+    if cfg.text_encoder:
+        return md.TextEncoder.from_pretrained(cfg.text_encoder)
+    if cfg.preset != "tiny":
+        raise ValueError(f"--preset {cfg.preset} conditions on CLIP-ViT/L14 (3): give a local Hugging Face CLIP folder "
+                         f"with --text_encoder path/to/clip-vit-large-patch14 (no downloads at run time)")
+    return md.TextEncoder(text_cfg)
+
+
+def build_vae_for_diffusion(cfg) -> vae_lib.VAE:
+    """The frozen VAE of the diffusion stage: a diffusers folder (--vae_diffusers), --vae_ckpt, else out_dir's
+    decoder.pt, else its vae.pt."""
+    if cfg.vae_diffusers:
+        return vae_lib.VAE.from_diffusers(cfg.vae_diffusers).eval()
+    candidates = (os.path.join(cfg.out_dir, "decoder.pt"), os.path.join(cfg.out_dir, "vae.pt"))
+    path = cfg.vae_ckpt or next((p for p in candidates if os.path.isfile(p)), candidates[1])
+    return sample.load_vae(path)
+
+
+def check_compatible(unet_cfg: md.UNetConfig, vae: vae_lib.VAE, text: md.TextEncoder) -> None:
+    if unet_cfg.in_channels != vae.cfg.latent_channels:
+        raise ValueError(f"UNetConfig.in_channels = {unet_cfg.in_channels} but the VAE has {vae.cfg.latent_channels} "
+                         f"latent channels (set --in_channels {vae.cfg.latent_channels})")
+    if unet_cfg.context_dim != text.cfg.width:
+        raise ValueError(f"UNetConfig.context_dim = {unet_cfg.context_dim} but the text encoder's width is "
+                         f"{text.cfg.width} (set --context_dim {text.cfg.width})")
+
+
+def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) -> None:
+    """--init_from: another diffusion.pt's EMA weights, for a UNet that may differ only in attn_act / dropout."""
+    ck = load_checkpoint(path)
+    if "unet" not in ck.get("config", {}):
+        raise ValueError(f"{path}: not a diffusion checkpoint (no config['unet'])")
+    refuse_if_mismatch(path, "UNet", ck["config"]["unet"], unet_cfg, ignore=("attn_act", "dropout"))
+    sample.load_denoiser_state(model, ck["ema"], path)
+
+
+def resume_diffusion(cfg, path: str, model, ema, opt, rank: int) -> int:
+    """Restore a diffusion stage (Denoiser, EMA, optimiser, RNG), refusing a changed UNet or text encoder."""
+    ck = stage_checkpoint(cfg, path, rank)
+    if ck is None:
+        return 0
+    refuse_if_mismatch(path, "UNet", ck["config"]["unet"], model.unet.cfg)
+    refuse_if_mismatch(path, "text encoder", ck["config"]["text"], model.text.cfg)
+    sample.load_denoiser_state(model, ck["model"], path)
+    sample.load_denoiser_state(ema, ck["ema"], path)
+    torch.set_rng_state(ck["rng"]["torch"])                       # (the noise itself comes from (seed, step))
+    return restore(ck, opt=opt)
+
+
+def load_base(cfg, device: str):
+    """The pretrained diffusion model the post-training stages start from (--init_from, else out_dir's
+    diffusion.pt), its frozen VAE and text encoder on `device`, its saved config, and cfg with the base's
+    text encoder folder (so the stage's checkpoint reloads with the same encoder)."""
+    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
+    unet, vae, text, conf = sample.load_diffusion(base, ema=True)
+    cfg = dataclasses.replace(cfg, text_encoder=conf["train"].get("text_encoder", ""))
+    return base, unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False), conf, cfg
+
+
+@torch.no_grad()
+def null_context(text) -> torch.Tensor:
+    """The empty prompt's context (1, L, D), classifier-free guidance's unconditional input; the text encoder
+    is frozen after the diffusion stage, so one encoding serves every batch (.expand(B, -1, -1))."""
+    return text([""])
+
+
+def describe_denoiser(model: sample.Denoiser, cfg, vae, device: str) -> None:
+    """The diffusion stage's opening line: UNet params, trained text-encoder params, GMACs per evaluation."""
+    trained_text = sum(p.numel() for p in model.text.parameters() if p.requires_grad)
+    context = torch.zeros(1, model.text.cfg.max_len, model.unet.cfg.context_dim, device=device)
+    print(f"diffusion: UNet {md.count_params(model.unet) / 1e6:.1f}M params (+{trained_text / 1e6:.2f}M trained text "
+          f"encoder), {latent_macs(model.unet, cfg, vae, context) / 1e9:.3f} GMACs/eval at "
+          f"{cfg.resolution}px ({tuple(one_latent(cfg, vae, device).shape[1:])} latent)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The end-of-stage throughput report: MACs of one forward, images/s, share of the machine's peak
+# ----------------------------------------------------------------------------------------------------
+
+def one_latent(cfg, vae, device: str) -> torch.Tensor:
+    """A zero latent (1, c, H/f, W/f) of this run's resolution."""
+    f = vae.cfg.factor
+    return torch.zeros(1, vae.cfg.latent_channels, cfg.resolution // f, cfg.resolution // f, device=device)
+
+
+@torch.no_grad()
+def latent_macs(net, cfg, vae, cond: torch.Tensor) -> float:
+    """MACs of one evaluation of a latent-space network, net(latent, t, cond), on one latent of this run's
+    resolution: the UNet, UFOGen's G and D (cond: a text context (1, L, D)), or the Denoiser (cond: token ids)."""
+    x = one_latent(cfg, vae, "cpu").to(cond.device)
+    return float(md.count_macs(net, x, torch.ones(1, dtype=torch.long, device=x.device), cond))
+
+
+@torch.no_grad()
+def vae_macs(model: vae_lib.VAE, cfg, part: str = "all") -> float:
+    """MACs of the VAE on one image of this run's resolution: the whole autoencoder, or its decoder alone."""
+    device = next(model.parameters()).device
+    x = torch.zeros(1, model.cfg.in_channels, cfg.resolution, cfg.resolution, device=device)
+    if part == "decoder":
+        return float(md.count_macs(model.decoder, model.encode(x).mode()))
+    return float(md.count_macs(model, x))
+
+
+def finish_stage(cfg, log, start: int, t0: float, device: str, flops_per_image: float, curves: list[str]) -> None:
+    """Rank 0, after the loop: the stage's time, images/s and share of the machine's peak (times.json), and its
+    loss curves (loss_<stage>.png). flops_per_image: 2 FLOPs per MAC of each forward, twice that per backward."""
+    evaluate.throughput_report(cfg, cfg.steps - start, time.time() - t0, flops_per_image, device)
+    evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, curves)
+
+
+# Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
+# on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
+# estimate the run prints at its start.
+STAGE_MINUTES = {"vae": 3.0, "decoder": 0.75, "diffusion": 3.35, "ufogen": 1.45, "distill": 0.75}
+REFERENCE_GFLOPS = 307.0
+
+
+def estimate_minutes(stage_cfgs: dict, default_steps: dict, device: str) -> str:
+    """The default run's expected length on this machine, from STAGE_MINUTES at the default steps (other
+    --steps scale it). stage_cfgs: each stage's resolved config; default_steps: each stage's default steps."""
+    peak = evaluate.matmul_peak(device)
+    scale = REFERENCE_GFLOPS / peak if device.startswith("cpu") else float("nan")
+    per = {st: m * stage_cfgs[st].steps / default_steps[st] * scale for st, m in STAGE_MINUTES.items()}
+    return (f"estimated total: {sum(per.values()):.1f} min on this CPU (matmul peak {peak:.0f} GFLOP/s; "
+            + ", ".join(f"{st} {m:.1f}" for st, m in per.items()) + ")")
