@@ -181,6 +181,16 @@ class Log:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"stage": self.stage, "step": step, **metrics}, allow_nan=False) + "\n")
 
+    def record(self, step: int, metrics: dict):
+        """A row outside the per-step log (a validation loss): written by rank 0, refused if non-finite."""
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise diverged(self.stage, os.path.dirname(self.path), k, v, step)
+        if self.rank == 0:
+            self.bar.write(f"{self.stage} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"stage": self.stage, "step": step, **metrics}, allow_nan=False) + "\n")
+
     def close(self):
         self.bar.close()
 

@@ -14,14 +14,18 @@ Data for every training stage.
 Images are float tensors (3, H, W) in [-1, 1]; a dataset item is (image, caption).
 """
 
+import io
+import itertools
 import json
 import os
 import random
+import re
+import tarfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic captioned shapes
@@ -241,56 +245,131 @@ def attribute_accuracy(images: torch.Tensor, captions: list[str]) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+HELDOUT_EVERY = 50                # real folders: every 50th item (by sorted order) is held out for the reports
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (bicubic), centre-crop, -> (3, R, R) in [-1, 1]."""
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as a viewer shows it: EXIF orientation applied; 16- and 32-bit greyscale scaled
+    to 8 bits (PIL's convert("RGB") clips them, so a 16-bit PNG turns white); transparency (RGBA, LA, a palette's
+    transparent index) composited on white, not black; CMYK and palettes converted by PIL."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):       # 16-bit PNGs load as I;16 or I (0 .. 65535)
+        arr = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
+    elif im.mode == "F":                                           # float TIFF-likes: taken as 0 .. 1
+        im = Image.fromarray(np.clip(np.asarray(im) * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("RGB", "L") and "transparency" in im.info):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
+def resize_crop(im: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution` (bicubic), centre-crop (diffusers' train_text_to_image),
+    -> (3, R, R) in [-1, 1]."""
+    s = resolution / min(im.size)
+    im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
+    left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
+def load_image(path: str, resolution: int, min_size: int = 0) -> torch.Tensor:
+    """An image file as (3, R, R) in [-1, 1] (to_rgb, resize_crop). An image whose shorter side is below min_size
+    raises TooSmall (ImageFolder counts those apart from unreadable files)."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
-                       Image.BICUBIC)
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+        if min(im.size) < min_size:
+            raise TooSmall(f"{path}: {im.width}x{im.height}, shorter side below --min_size {min_size}")
+        return resize_crop(to_rgb(im), resolution)
+
+
+class TooSmall(ValueError):
+    """An image below the minimum size: dropped from training, and counted."""
+
+
+def read_caption(path: str) -> str:
+    """A caption sidecar (.txt), UTF-8 (a BOM is dropped); a file that is not UTF-8 is an error naming it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption file {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+
+
+def metadata_items(meta: str, root: str) -> list[tuple[str, str]]:
+    """(path, caption) per line of a diffusers metadata.jsonl: {"file_name": <path relative to the folder>,
+    "text": <caption or null>}. A line that is not such an object, or a file_name outside the folder (absolute,
+    or climbing out with ..), is an error naming the file and line."""
+    items, real_root = [], os.path.realpath(root)
+    with open(meta, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{meta}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg}): {line.strip()[:80]!r}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+                raise ValueError(f'{where}: expected an object with a string "file_name" (and "text"), got '
+                                 f"{line.strip()[:80]!r}")
+            text = rec.get("text", "")
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise ValueError(f'{where}: "text" is {type(text).__name__} {text!r}, expected a string or null')
+            name = rec["file_name"]
+            path = os.path.realpath(os.path.join(root, name))
+            if os.path.isabs(name) or os.path.commonpath([real_root, path]) != real_root:
+                raise ValueError(f'{where}: "file_name" {name!r} is outside the folder {root} (expected a path '
+                                 f"relative to it)")
+            items.append((path, text))
+    return items
+
+
+def sidecar_items(root: str) -> list[tuple[str, str]]:
+    """(path, caption) for every image under `root`, in sorted order, with a same-name .txt caption (a missing
+    one is an empty caption). Subfolders included: img2dataset's folder output is 00000/<key>.jpg + <key>.txt."""
+    items = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTS:
+                txt = os.path.join(folder, stem + ".txt")
+                items.append((os.path.join(folder, name), read_caption(txt) if os.path.isfile(txt) else ""))
+    return items
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """Captioned images from a folder: `metadata.jsonl` lines {"file_name": ..., "text": ...} (diffusers'
-    layout), else every image with a same-name .txt sidecar (a missing sidecar means an empty caption,
-    which classifier-free guidance training uses anyway). An image that cannot be read is skipped (the
-    next one is used) and counted in `self.skipped`, so a long run never dies on one bad file."""
+    layout), else every image under it with a same-name .txt sidecar (img2dataset's folder output included; a
+    missing sidecar means an empty caption, which classifier-free guidance training uses anyway).
+    split: "all", "train" or "heldout" (every HELDOUT_EVERY-th item; with fewer items, the last one).
+    An image that cannot be read, or is below min_size, is skipped (the next one is used) and counted in
+    `self.skipped` / `self.too_small`, so a long run never dies on one bad file."""
 
-    def __init__(self, root: str, resolution: int):
+    def __init__(self, root: str, resolution: int, split: str = "all", min_size: int = 0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder {root!r} does not exist")
-        self.root, self.resolution, self.skipped = root, resolution, 0
+        if split not in ("all", "train", "heldout"):
+            raise ValueError(f"ImageFolder split = {split!r}, expected 'all', 'train' or 'heldout'")
+        self.root, self.resolution, self.min_size, self.skipped, self.too_small = root, resolution, min_size, 0, 0
         meta = os.path.join(root, "metadata.jsonl")
-        items = []
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        items.append((os.path.join(root, rec["file_name"]), str(rec.get("text", ""))))
-                    except (json.JSONDecodeError, KeyError) as e:
-                        raise ValueError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}, got {line.strip()[:80]!r} ({e})")
-        else:
-            for name in sorted(os.listdir(root)):
-                stem, ext = os.path.splitext(name)
-                if ext.lower() in IMAGE_EXTS:
-                    txt = os.path.join(root, stem + ".txt")
-                    text = open(txt).read().strip() if os.path.isfile(txt) else ""
-                    items.append((os.path.join(root, name), text))
-        self.items = [(p, t) for p, t in items if os.path.isfile(p)]
-        if not self.items:
+        items = metadata_items(meta, root) if os.path.isfile(meta) else sidecar_items(root)
+        found = [(p, t) for p, t in items if os.path.isfile(p)]
+        if len(found) < len(items):
+            print(f"data: {len(items) - len(found)} files listed in {meta} are missing; skipped")
+        if not found:
             raise ValueError(f"data folder {root!r} has no usable images (looked for metadata.jsonl, "
-                             f"or {'/'.join(IMAGE_EXTS)} files)")
-        if len(self.items) < len(items):
-            print(f"data: {len(items) - len(self.items)} files listed in {meta} are missing; skipped")
+                             f"or {'/'.join(IMAGE_EXTS)} files with .txt captions, subfolders included)")
+        held = set(range(HELDOUT_EVERY - 1, len(found), HELDOUT_EVERY)) or ({len(found) - 1} if len(found) > 1 else set())
+        if split != "all":
+            found = [it for k, it in enumerate(found) if (k in held) == (split == "heldout")]
+        self.items = found
 
     def __len__(self):
         return len(self.items)
@@ -299,15 +378,20 @@ class ImageFolder(torch.utils.data.Dataset):
         for k in range(len(self.items)):
             path, text = self.items[(i + k) % len(self.items)]
             try:
-                return load_image(path, self.resolution), text
+                return load_image(path, self.resolution, self.min_size), text
+            except TooSmall:
+                self.too_small += 1
             except Exception as e:                               # corrupt / truncated / not an image
                 self.skipped += 1
                 print(f"data: skipping unreadable image {path} ({type(e).__name__}: {e}); {self.skipped} skipped so far")
-        raise ValueError(f"data folder {self.root!r}: none of its {len(self.items)} images could be read")
+        raise ValueError(f"data folder {self.root!r}: none of its {len(self.items)} images could be read "
+                         f"({self.too_small} below --min_size {self.min_size})")
 
 
 class Latents(torch.utils.data.Dataset):
-    """A fixed training set kept as VAE latents: item i is (latent (c, h, w), caption) (train.encode_dataset)."""
+    """A fixed training set kept as VAE latents in memory: item i is (latent (c, h, w), caption)
+    (train_utils.encode_dataset)."""
+    yields_latents = True
 
     def __init__(self, latents: torch.Tensor, captions: list[str]):
         self.latents, self.captions = latents, captions
@@ -319,47 +403,362 @@ class Latents(torch.utils.data.Dataset):
         return self.latents[i], self.captions[i]
 
 
-def make_dataset(data: str, split: str, resolution: int, style: str = "plain"):
-    """'shapes' -> the synthetic dataset; anything else is an image folder path."""
+# ----------------------------------------------------------------------------------------------------
+# Data at scale: WebDataset tar shards as img2dataset writes them, and latent shards (train.py --stage encode)
+# ----------------------------------------------------------------------------------------------------
+#
+# img2dataset's "webdataset" output: 00000.tar, 00001.tar, ..., each a stream of samples whose members share a
+# key: <key>.jpg (or .png / .webp), <key>.txt (the caption), <key>.json (its metadata). The tar module reads them
+# as a stream (never whole), so a shard of any size costs the memory of one sample.
+
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENTS_MANIFEST = "latents.json"
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'s/{00000..00002}.tar' -> ['s/00000.tar', 's/00001.tar', 's/00002.tar'] (zero padding kept), and
+    '{a,b}' -> both; several groups expand left to right, as the shell and webdataset do."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"--data {pattern!r}: the range {{{body}}} runs backwards")
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for o in options for p in expand_braces(head + o + tail)]
+
+
+def shard_paths(spec: str) -> list[str] | None:
+    """The shards --data names, or None if it names none: a brace pattern or a path ending in .tar, a folder
+    holding .tar files (or the encode stage's latent shards, listed in its latents.json), or a .txt file
+    listing shards (one per line, relative to the list's folder). Every listed shard must exist."""
+    if os.path.isdir(spec):
+        manifest = os.path.join(spec, LATENTS_MANIFEST)
+        if os.path.isfile(manifest):
+            return [os.path.join(spec, n) for n in read_manifest(manifest)["shards"]]
+        return [os.path.join(spec, n) for n in sorted(os.listdir(spec)) if n.endswith(".tar")] or None
+    if spec.endswith(".txt") and os.path.isfile(spec):
+        base = os.path.dirname(spec)
+        with open(spec, encoding="utf-8") as f:
+            paths = [os.path.join(base, ln.strip()) for ln in f if ln.strip() and not ln.startswith("#")]
+    elif spec.endswith(".tar") or "{" in spec:
+        paths = expand_braces(spec)
+    else:
+        return None
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise FileNotFoundError(f"--data {spec!r}: {len(missing)} of {len(paths)} shards do not exist "
+                                f"(first: {missing[0] if missing else 'none listed'})")
+    return paths
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            man = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable latents manifest ({e})") from None
+    missing = [k for k in ("shards", "resolution", "vae") if k not in man]
+    if missing:
+        raise ValueError(f"{path}: the latents manifest lacks {', '.join(missing)} (written by train.py --stage encode)")
+    return man
+
+
+def tar_samples(path: str, counts: dict):
+    """(key, {extension: bytes}) for each sample of a tar shard, read as a stream. A shard that breaks off
+    (truncated, not a tar) ends there, counted in counts["bad_shards"]."""
+    key, parts = None, {}
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                folder, name = os.path.split(m.name)
+                stem, _, ext = name.partition(".")            # webdataset: the key ends at the first dot
+                k = os.path.join(folder, stem)
+                payload = tf.extractfile(m).read()
+                if k != key and parts:
+                    yield key, parts
+                    parts = {}
+                key = k
+                parts[ext.lower()] = payload
+            end = tf.offset
+        with open(path, "rb") as f:                          # tarfile ends silently at a cut-off header: a
+            f.seek(end)                                      # whole archive ends in zero blocks instead
+            if f.read(512) != bytes(512):
+                raise tarfile.ReadError(f"cut off after byte {end} (no end-of-archive block)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        counts["bad_shards"] = counts.get("bad_shards", 0) + 1
+        print(f"data: shard {path} is unreadable from some point on ({type(e).__name__}: {e}); going on with the next")
+    if parts:
+        yield key, parts
+
+
+def decode_sample(parts: dict, resolution: int, min_size: int = 0):
+    """One img2dataset sample as (image (3, R, R) in [-1, 1], caption): the first image member, the .txt
+    caption (else the .json's "caption"). Raises on anything it cannot read (ShardStream counts it)."""
+    ext = next((e for e in SHARD_IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        raise ValueError(f"no image member (expected one of {', '.join(SHARD_IMAGE_EXTS)}; got {sorted(parts)})")
+    with Image.open(io.BytesIO(parts[ext])) as im:
+        if min(im.size) < min_size:
+            raise TooSmall(f"{im.width}x{im.height}, shorter side below --min_size {min_size}")
+        image = resize_crop(to_rgb(im), resolution)
+    if "txt" in parts:
+        text = parts["txt"].decode("utf-8").strip()
+    else:
+        text = str(json.loads(parts["json"]).get("caption") or "") if "json" in parts else ""
+    return image, text
+
+
+def latent_samples(path: str):
+    """(index, (mean, std, caption)) for each latent of a shard written by train.py --stage encode."""
+    shard = torch.load(path, map_location="cpu", weights_only=True)
+    for i, text in enumerate(shard["captions"]):
+        yield i, (shard["mean"][i], shard["std"][i], text)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """(image or latent, caption) items streamed from shards, for one process of one run.
+
+    The order is a function of (seed, epoch) alone: each epoch shuffles the shard list, each reader (one
+    DataLoader worker of one DDP rank) takes every readers-th shard of it (every readers-th sample instead, when
+    there are fewer shards than readers), and a shuffle buffer of `shuffle_buffer` samples mixes within and
+    across its shards. The DataLoader takes micro-batch j from worker j % workers, so a resumed run knows how
+    many samples each reader had handed out, and skips them undecoded (configure). A sample that cannot be
+    decoded (or is below min_size) is counted and its slot filled by the reader's previous good sample, so a bad
+    file never shifts the order. kind "images": tar shards; "latents": the encode stage's shards, whose
+    posterior mean is the latent (as train_utils.to_latents encodes one on the fly)."""
+
+    def __init__(self, shards: list[str], resolution: int, kind: str = "images", shuffle_buffer: int = 1000,
+                 min_size: int = 0):
+        self.shards, self.resolution, self.kind = shards, resolution, kind
+        self.shuffle_buffer, self.min_size = max(1, shuffle_buffer), min_size
+        self.yields_latents = kind == "latents"
+        self.seed, self.rank, self.world, self.skip_batches, self.micro = 0, 0, 1, 0, 1
+
+    def configure(self, seed: int, rank: int, world: int, start_step: int, micro: int, grad_accum: int):
+        """Called once per stage (data.batches) before the DataLoader starts its workers."""
+        self.seed, self.rank, self.world, self.micro = seed, rank, world, micro
+        self.skip_batches = start_step * grad_accum                 # micro-batches this rank has already had
+
+    def raw(self, epoch: int, reader: int, readers: int, counts: dict):
+        order = list(self.shards)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        by_shard = len(order) >= readers
+        k = 0
+        for path in (order[reader::readers] if by_shard else order):
+            for _, parts in (tar_samples(path, counts) if self.kind == "images" else latent_samples(path)):
+                if by_shard or k % readers == reader:
+                    yield parts
+                k += 1
+
+    def decode(self, parts):
+        if self.kind == "latents":
+            mean, _std, text = parts
+            return mean.float(), text
+        return decode_sample(parts, self.resolution, self.min_size)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        reader, readers = self.rank * workers + worker, self.world * workers
+        # this reader's share of the micro-batches already consumed: j < skip_batches with j % workers == worker
+        skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.micro
+        counts, last, epoch = {"bad": 0, "small": 0}, None, 0
+        while True:
+            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
+            buffer, produced = [], 0
+            for parts in self.raw(epoch, reader, readers, counts):
+                produced += 1
+                buffer.append(parts)
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                out = buffer.pop()
+                if skip:
+                    skip -= 1
+                    continue
+                last = self.item(out, last, counts)
+                if last is not None:
+                    yield last
+            if produced == 0:
+                raise ValueError(f"data: reader {reader} of {readers} got no samples from {len(self.shards)} "
+                                 f"shards (empty shards, or fewer samples than readers)")
+            rng.shuffle(buffer)
+            for out in buffer:
+                if skip:
+                    skip -= 1
+                    continue
+                last = self.item(out, last, counts)
+                if last is not None:
+                    yield last
+            epoch += 1
+
+    def item(self, parts, last, counts):
+        """The decoded sample, or (when it cannot be read) the previous good one, counted."""
+        try:
+            return self.decode(parts)
+        except Exception as e:
+            counts["small" if isinstance(e, TooSmall) else "bad"] += 1
+            n = counts["bad"] + counts["small"]
+            if n & (n - 1) == 0:                                     # 1, 2, 4, 8, ...: a count, not a flood
+                print(f"data: {counts['bad']} unreadable and {counts['small']} too-small samples so far "
+                      f"(latest: {type(e).__name__}: {e}); each slot filled by the previous good sample")
+            return last
+
+
+class Heldout(torch.utils.data.Dataset):
+    """The first `n` samples of a held-out shard, decoded on access (map-style, for the reports)."""
+
+    def __init__(self, shard: str, resolution: int, n: int = 256):
+        self.resolution, counts, self.samples = resolution, {}, []
+        for _, parts in tar_samples(shard, counts):
+            self.samples.append(parts)
+            if len(self.samples) == n:
+                break
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return decode_sample(self.samples[i], self.resolution)
+
+
+class HeldoutImages(torch.utils.data.Dataset):
+    """Held-out images kept as uint8 with their captions (the encode stage's heldout.pt)."""
+
+    def __init__(self, path: str):
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        self.images, self.captions = d["images"], d["captions"]
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        return self.images[i].float() / 127.5 - 1, self.captions[i]
+
+
+def make_dataset(data: str, split: str, resolution: int, style: str = "plain", min_size: int = 0,
+                 shuffle_buffer: int = 1000):
+    """--data as a dataset of (image or latent, caption): "shapes" (synthetic); latent shards (a folder with
+    latents.json, made by --stage encode); tar shards (a brace pattern, a .tar, a folder of .tar files, or a
+    .txt list), the last one held out when there are two or more; else an image folder."""
     if data == "shapes":
         return Shapes(split, resolution, style=style)
-    return ImageFolder(data, resolution)
+    shards = shard_paths(data)
+    if shards is None:
+        return ImageFolder(data, resolution, split, min_size)
+    man = latents_manifest(data)
+    if man is not None:
+        if man["resolution"] != resolution:
+            raise ValueError(f"--data {data}: latents of {man['resolution']}px images, but --resolution {resolution}")
+        if split == "heldout":
+            return HeldoutImages(os.path.join(data, "heldout.pt"))
+        return ShardStream(shards, resolution, "latents", shuffle_buffer)
+    train, held = (shards[:-1], shards[-1]) if len(shards) > 1 else (shards, shards[0])
+    if split == "heldout":
+        return Heldout(held, resolution)
+    return ShardStream(train, resolution, "images", shuffle_buffer, min_size)
+
+
+def latents_manifest(data: str) -> dict | None:
+    """The encode stage's record (which VAE, resolution, count) when --data is a latent folder, else None."""
+    path = os.path.join(data, LATENTS_MANIFEST)
+    return read_manifest(path) if os.path.isdir(data) and os.path.isfile(path) else None
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of indices for optimizer steps start_step, start_step + 1, ... (forever).
+    The global order is a fixed function of (seed, step): a permutation of the dataset per epoch, step s taking
+    the s-th slice of batch_size; process r takes its contiguous part. So a resumed run, a run on 2 processes
+    and a run on 1 process with the doubled batch all see the same images at the same step."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int, rank: int, world: int, start_step: int):
+        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
+        self.rank, self.per_proc, self.start = rank, batch_size // world, start_step
+
+    def __iter__(self):
+        micro, perm, perm_epoch, step = self.per_proc // self.grad_accum, None, -1, self.start
+        while True:
+            first = step * self.batch_size + self.rank * self.per_proc
+            idx = []
+            for g in range(first, first + self.per_proc):
+                epoch, k = divmod(g, self.n)
+                if epoch != perm_epoch:
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                    perm_epoch = epoch
+                idx.append(int(perm[k]))
+            for k in range(self.grad_accum):
+                yield idx[k * micro:(k + 1) * micro]
+            step += 1
+
+
+def chunked(readers, size: int, counts: dict):
+    """(images (B, 3, H, W), captions) batches of `size` from an iterator of readers, each a function that
+    returns one (image, caption); a reader that raises is counted (counts["bad"], or counts["small"] for an
+    image below the minimum size) and left out (the encode stage's reading of shards)."""
+    batch = []
+    for read in readers:
+        try:
+            batch.append(read())
+        except Exception as e:
+            kind = "small" if isinstance(e, TooSmall) else "bad"
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind == "bad":
+                print(f"data: skipping an unreadable sample ({type(e).__name__}: {e}); {counts['bad']} so far")
+            continue
+        if len(batch) == size:
+            yield collate(batch)
+            batch = []
+    if batch:
+        yield collate(batch)
+
+
+def first_items(dataset, n: int) -> list:
+    """The first n items of a map-style dataset, or the first n a stream yields."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return list(itertools.islice(iter(dataset), n))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def collate(items):
+    return torch.stack([x for x, _ in items]), [t for _, t in items]
 
 
 def batches(dataset, batch_size: int, grad_accum: int, seed: int, rank: int, world: int, start_step: int, device: str,
-            num_workers: int = 0):
-    """Yields this process's micro-batches, (images, captions), for optimizer steps start_step, start_step+1, ...
-    (batch_size: the global batch per optimizer step, over `world` processes and `grad_accum` micro-steps).
-    The global order is a fixed function of (seed, step): a permutation of the dataset per epoch, step s
-    taking the s-th slice of batch_size; process r takes its contiguous part. So a resumed run, a run on
-    2 processes and a run on 1 process with the doubled batch all see the same images at the same step."""
-    n, per_proc = len(dataset), batch_size // world
-    micro = per_proc // grad_accum
-    step = start_step
-
-    perms = {}                                                    # epoch -> permutation (cached)
-
-    def indices(s):
-        first = s * batch_size + rank * per_proc
-        out = []
-        for g in range(first, first + per_proc):
-            epoch, k = divmod(g, n)
-            if epoch not in perms:
-                perms.clear()
-                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            out.append(int(perms[epoch][k]))
-        return out
-
-    def collate(items):
-        return torch.stack([im for im, _ in items]), [t for _, t in items]
-
-    while True:
-        idx = indices(step)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=micro,
-                                             num_workers=num_workers, collate_fn=collate)
-        for images, texts in loader:
-            yield images.to(device, non_blocking=True), texts
-        step += 1
+            num_workers: int = 0, flip: bool = False):
+    """Yields this process's micro-batches, (images or latents, captions), for optimizer steps start_step, ...
+    (batch_size: the global batch per optimizer step, over `world` processes and `grad_accum` micro-steps),
+    from one persistent DataLoader: with workers, decoding overlaps the training step (4 batches prefetched per
+    worker). A map-style dataset is read in StepBatches' order; a ShardStream in its own (seed, epoch) order.
+    flip: each image of the global batch flipped left-right with probability 1/2, drawn from (seed, step)."""
+    micro = batch_size // world // grad_accum
+    opts = dict(num_workers=num_workers, collate_fn=collate, pin_memory=device.startswith("cuda"),
+                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.configure(seed, rank, world, start_step, micro, grad_accum)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro, **opts)
+    else:
+        sampler = StepBatches(len(dataset), batch_size, grad_accum, seed, rank, world, start_step)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **opts)
+    per_proc, step, k = batch_size // world, start_step, 0
+    for x, texts in loader:
+        if flip:                        # half of the global batch, left-right, from (seed, step) alone
+            coin = torch.rand(batch_size, generator=torch.Generator().manual_seed(seed * 7_919 + step + 1)) < 0.5
+            mine = coin[rank * per_proc + k * micro:rank * per_proc + (k + 1) * micro]
+            x = torch.where(mine.view(-1, 1, 1, 1), x.flip(-1), x)
+        yield x.to(device, non_blocking=True), texts
+        k += 1
+        if k == grad_accum:
+            step, k = step + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------

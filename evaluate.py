@@ -64,18 +64,19 @@ def heldout_prompts(cfg, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor | None = None, **sample_kw) -> dict:
-    """Attribute accuracy (data.check_attributes vs the prompt) of generated images, wall ms per image, and
-    with `real` images the Frechet distance on pixel features ("fd"). Per-image tensors among sample_kw
-    (cond, init, mask: one row per prompt) are batched with their prompts."""
+def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor | None = None, checker: bool = True,
+                 **sample_kw) -> dict:
+    """Attribute accuracy (data.check_attributes vs the prompt; `checker`: the synthetic shapes only) of generated
+    images, wall ms per image, and with `real` images the Frechet distance on pixel features ("fd"). Per-image
+    tensors among sample_kw (cond, init, mask: one row per prompt) are batched with their prompts."""
     images, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         kw = {k: v[i:i + batch] if torch.is_tensor(v) and len(v) == len(prompts) else v for k, v in sample_kw.items()}
         images.append(pipe.images(prompts[i:i + batch], seed=i, **kw).cpu())
     ms = 1000 * (time.perf_counter() - t0) / len(prompts)
     images = torch.cat(images)
-    res = {**data.attribute_accuracy(images, prompts), "ms_per_image": ms}
-    if real is not None:
+    res = {**(data.attribute_accuracy(images, prompts) if checker else {}), "ms_per_image": ms}
+    if real is not None and min(len(real), len(images)) > 1:      # a covariance needs two or more of each
         res["fd"] = pixel_fd(images, real)
     return res, images
 
@@ -103,7 +104,7 @@ def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
     rows = []
     for name, pipe, kw in [("onestep", ufo, sample.SAMPLING["onestep"]),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
-        res, imgs = evaluate_t2i(pipe, prompts, real=real, **kw)
+        res, imgs = evaluate_t2i(pipe, prompts, real=real, checker=cfg.data == "shapes", **kw)
         update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
         print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         rows.append(imgs[:8])
@@ -228,6 +229,13 @@ def throughput_report(cfg, steps: int, seconds: float, flops_per_image: float, d
 
 
 @torch.no_grad()
+def heldout_psnr(cfg, model, device: str, n: int = 64) -> float:
+    """Mean reconstruction PSNR (dB) on up to n held-out images: the VAE stages' validation number."""
+    held = heldout_images(cfg, n).to(device)
+    return float(vae_lib.psnr(reconstruct(model, held), held).mean())
+
+
+@torch.no_grad()
 def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     """End of the vae stage (teacher None) or the decoder stage (teacher: the full VAE): held-out PSNR, printed and
     written to <stage>_eval.json (cfg.out_dir, cfg.stage, cfg.steps, cfg.eval_images), and the Figure 3 grid."""
@@ -236,14 +244,16 @@ def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     recon = reconstruct(model, held)
     p = float(vae_lib.psnr(recon, held).mean())
     # The checker on reconstructions: what a perfect diffusion model could reach through this decoder.
-    def checker(images):
+    def checker(images):                                      # the synthetic shapes only
+        if cfg.data != "shapes":
+            return {}
         return {k: v for k, v in data.attribute_accuracy(images.cpu(), prompts).items() if k != "style"}
     acc = checker(recon)
     checked = ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
     if teacher is None:
         report = {"psnr_heldout_db": p, "checker": acc, "scaling_factor": model.cfg.scaling_factor, "minutes": minutes}
-        print(f"vae: held-out reconstruction PSNR {p:.2f} dB, checker "
-              f"{checked}; latent scaling factor {model.cfg.scaling_factor:.4f}")
+        print(f"vae: held-out reconstruction PSNR {p:.2f} dB{', checker ' + checked if acc else ''}; latent "
+              f"scaling factor {model.cfg.scaling_factor:.4f}")
     else:
         full = reconstruct(teacher, held)
         p_full = float(vae_lib.psnr(full, held).mean())
@@ -251,7 +261,7 @@ def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
         report = {"psnr_full_db": p_full, "psnr_light_db": p, "checker_full": acc_full, "checker_light": acc,
                   "minutes": minutes}
         print(f"decoder: held-out PSNR full {p_full:.2f} dB, "
-              f"light {p:.2f} dB ({p - p_full:+.2f} dB); checker on light reconstructions {checked}")
+              f"light {p:.2f} dB ({p - p_full:+.2f} dB){'; checker on light reconstructions ' + checked if acc else ''}")
     config.write_json(os.path.join(cfg.out_dir, f"{cfg.stage}_eval.json"), report)
     save_recon_grid(cfg, [m for m in (teacher, model) if m is not None], os.path.join(cfg.out_dir, f"{cfg.stage}_recon.png"))
     return report
@@ -262,7 +272,8 @@ def diffusion_report(cfg, pipe) -> dict:
     eval.json, and samples_final.png."""
     prompts = heldout_prompts(cfg, cfg.eval_images)
     name = f"ddim{cfg.eval_steps}"
-    res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance)
+    res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance,
+                             checker=cfg.data == "shapes")
     update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
     data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, "samples_final.png"))
     print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
@@ -273,6 +284,7 @@ def diffusion_report(cfg, pipe) -> dict:
 def few_step_report(cfg, pipe, steps: int) -> dict:
     """End of the distill stage: the student's `steps`-step DDIM without CFG (folded in), into eval.json."""
     res, _ = evaluate_t2i(pipe, heldout_prompts(cfg, cfg.eval_images), real=heldout_images(cfg, cfg.eval_images),
+                          checker=cfg.data == "shapes",
                           steps=steps, guidance_scale=1.0)
     update_eval(os.path.join(cfg.out_dir, "eval.json"), f"{steps}step", res)
     print(f"eval {steps}step: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
@@ -286,6 +298,25 @@ def plugin_stage_report(cfg, pipe, path: str, device: str) -> None:
         res = measure_plugin(cfg.stage, pipe, plugin, sample.SAMPLING["ddim50"], ev)
         print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"
               f"{sample.SAMPLING['ddim50']['steps']} + CFG): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+
+
+@torch.no_grad()
+def plugin_grid(cfg, base_path: str, plugin_path: str, device: str, n: int = 8) -> None:
+    """End of the lora / adapter stage on real data: <stage>_final.png, the base's DDIM-<eval_steps> + CFG on
+    n held-out captions without the plugin (top row), with it (LoRA folded in; the adapter conditioned on the
+    held-out images' edges), and the held-out images themselves."""
+    held = data.first_items(data.make_dataset(cfg.data, "heldout", cfg.resolution), n)
+    images, prompts = torch.stack([x for x, _ in held]).to(device), [c for _, c in held]
+    kw = dict(sample.SAMPLING["ddim50"], steps=cfg.eval_steps, guidance_scale=cfg.guidance, seed=0)
+    pipe = sample.Pipeline.from_checkpoint(base_path, device)
+    rows = [pipe.images(prompts, **kw)]
+    if cfg.stage == "lora":
+        rows.append(pipe.load_lora(plugin_path).images(prompts, **kw))
+    else:
+        rows.append(pipe.load_adapter(plugin_path).images(prompts, cond=plugins.edges(images), **kw))
+    grid = data.image_grid(torch.cat(rows + [images]).cpu(), nrow=len(prompts))
+    grid.save(os.path.join(cfg.out_dir, f"{cfg.stage}_final.png"))
+    print(f"{cfg.stage}: {len(prompts)} held-out captions without / with it -> {cfg.stage}_final.png")
 
 
 def plot_curves(metrics_path: str, png_path: str, stage: str, keys: list[str]) -> None:

@@ -8,6 +8,7 @@ metrics and the throughput report) is in train_utils.py.
 Stages (--stage), in the order the paper trains them:
   vae       3.5: train the VAE (L2 + KL + perceptual + adversarial)
   decoder   3.5: distil the light decoder from a trained VAE, encoder frozen
+  encode    run the frozen VAE encoder once over --data, writing latent shards for --data of the later stages
   diffusion 3 + 5.1: latent diffusion training of the MD UNet (v-prediction, CFG dropout, EMA); with
             --init_from and --attn_act relu it is 3.2's softmax -> ReLU finetune
   ufogen    4: one-step generator by UFOGen adversarial finetuning (losses in ufogen.py), full or LoRA
@@ -27,6 +28,7 @@ as --vae_*, TextConfig (md.py, the tiny encoder) as --text_*, UFOGenConfig and D
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -45,11 +47,12 @@ import ufogen
 import vae as vae_lib            # `vae` is the model's name in every loop
 from train_utils import (Meter, autocast, build_text_encoder, build_vae_for_diffusion, check_compatible,
                          clip_and_step, describe_denoiser, diffusion_noise, due, ema_update, ema_warmup,
-                         estimate_minutes, finish_stage, gan_optimizers, init_denoiser, latent_batch,
-                         latent_macs, light_from_teacher, load_base, make_optimizer, make_perceptual,
-                         micro_slice, null_context, one_latent, restore, resume_autoencoder, resume_diffusion,
-                         save_autoencoder, save_diffusion, save_generator, set_lr, setup, stage_checkpoint,
-                         stage_data, step_generator, to_latents, vae_macs, wrap)
+                         estimate_minutes, finish_stage, gan_optimizers, grid_prompts, init_denoiser,
+                         latent_batch, latent_macs, light_from_teacher, load_base, make_optimizer,
+                         make_perceptual, micro_slice, null_context, one_latent, progress_grid, restore, resume_autoencoder,
+                         resume_diffusion, save_autoencoder, save_diffusion, save_generator, set_lr, setup,
+                         stage_checkpoint, stage_data, step_generator, to_latents, vae_macs,
+                         validation_batch, validation_loss, wrap, yields_latents)
 
 
 @dataclass
@@ -57,7 +60,14 @@ class TrainConfig:
     stage: str = "all"               # one of STAGES, or all (ALL_STAGES: the tiny end-to-end run)
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
-    data: str = "shapes"             # "shapes" (synthetic) or an image folder (metadata.jsonl or .txt)
+    data: str = "shapes"             # shapes (synthetic) | an image folder (metadata.jsonl or .txt captions) |
+                                     # tar shards ('s/{00000..00099}.tar', a folder or a .txt list of .tar
+                                     # files) | a latents folder (--stage encode)
+    min_size: int = 0                # real data: drop (and count) images whose shorter side is below this
+    shuffle_buffer: int = 1000       # shards: samples mixed in each reader's shuffle buffer
+    latents_dir: str = ""            # --stage encode writes here (default: out_dir/latents)
+    prompts: str = ""                # progress grids: a prompts file (default: held-out captions)
+    random_flip: bool = False        # real images: flip half of each batch left-right (train_text_to_image)
     style: str = "plain"             # shapes' style: plain | outlined | mixed (the lora stage: outlined)
     resolution: int = 32             # training px (5.1: 256 then 512; tiny: 32, an 8x8 latent)
     batch_size: int = 64             # per optimizer step, over processes and accumulation (STAGE_DEFAULTS)
@@ -100,14 +110,15 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | mps
 
 
-STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")
-ALL_STAGES = STAGES[:5]              # --stage all, the tiny end-to-end run; 5.4's plugins are their own
+STAGES = ("vae", "decoder", "encode", "diffusion", "ufogen", "distill", "lora", "adapter")
+ALL_STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")   # --stage all, the tiny end-to-end run
 
 # Each stage's values of the tiny CPU run (times: docs/results.md), over TrainConfig's defaults; a flag given
 # on the command line wins over both.
 STAGE_DEFAULTS = {
     "vae": dict(steps=1800, lr=1e-3, batch_size=8),        # batch 8: twice the steps of batch 16, +2 dB
     "decoder": dict(steps=800, lr=1e-3, batch_size=8),
+    "encode": dict(batch_size=64),                         # images per encoder call (no steps)
     "diffusion": dict(steps=600, lr=1e-3, batch_size=64),  # 5.1: lr 1e-3; batch 64: 1.4x batch 32's images/s
     "ufogen": dict(steps=200, lr=3e-4, batch_size=16),     # UFOGen's code: Adam lr 1e-4; 3e-4 for 200 steps
     "distill": dict(steps=150, lr=1e-3, batch_size=16),    # after the 100-step warm-up 1e-4 is too slow
@@ -122,6 +133,7 @@ STAGE_DEFAULTS = {
 # the 8192 seen 4-5 times: 8192 VAE encodes instead of 38400). A stage that draws fewer sees fresh images.
 CACHED_STAGES = ("diffusion", "ufogen", "distill")
 SHAPES_CACHE = 8192
+ENCODE_CHUNK = 4096                  # --stage encode on a folder: items per latent shard
 
 
 def stage_config(given: dict, stage: str) -> TrainConfig:
@@ -178,12 +190,13 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
         done = step + 1 == cfg.steps
         if rank == 0 and done:
             # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
-            images = torch.stack([dataset[i][0] for i in range(min(256, len(dataset)))]).to(device)
+            images = torch.stack([x for x, _ in data.first_items(dataset, 256)]).to(device)
             vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, images)
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_autoencoder(path, cfg, step + 1, model, vcfg, disc, opt, opt_d)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
             evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
+            log.record(step + 1, {"val_psnr_db": evaluate.heldout_psnr(cfg, model, device)})
     log.close()
     if rank == 0:
         finish_stage(cfg, log, start, t0, device, 6 * vae_macs(model, cfg), ["loss", "l2", "kl", "d_loss"])
@@ -243,12 +256,79 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
         log.step(step + 1, {**meter.mean(), "lr": lr}, write=due(step, cfg.log_every, cfg))
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_autoencoder(path, cfg, step + 1, model, light_cfg, disc, opt, opt_d)
+        if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+            grid = os.path.join(cfg.out_dir, f"decoder_recon_{step + 1:06d}.png")
+            evaluate.save_recon_grid(cfg, [teacher, model], grid)
+            log.record(step + 1, {"val_psnr_db": evaluate.heldout_psnr(cfg, model, device)})
     log.close()
     if rank == 0:
         flops = 2 * vae_macs(teacher, cfg) + 6 * vae_macs(model, cfg, "decoder")  # teacher fwd, light fwd+bwd
         finish_stage(cfg, log, start, t0, device, flops, ["loss", "l2", "d_loss"])
         evaluate.vae_report(cfg, model.eval(), (time.time() - t0) / 60, device, teacher=teacher)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage: encode (cached latents: the frozen encoder runs once per image instead of once per step)
+# ----------------------------------------------------------------------------------------------------
+
+def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
+    """The frozen VAE encoder once over --data (an image folder, the synthetic shapes or tar shards): latent
+    shards that --data accepts for the diffusion, ufogen, distill and lora stages, since the encoder would
+    otherwise cost as much per step as the md UNet's forward and backward together (docs/results.md). Each
+    shard keeps the scaled posterior mean and std (fp16); latents.json records the encoder's fingerprint, so a
+    stage whose VAE has another encoder refuses them; heldout.pt keeps the held-out images for the reports.
+    Resumable: a shard already written is skipped. Under torchrun, rank r writes the shards r, r + world, ...
+    --train_images N: encode only the first N items of a folder (0: all)."""
+    vae = build_vae_for_diffusion(cfg).to(device).requires_grad_(False)
+    out = cfg.latents_dir or os.path.join(cfg.out_dir, "latents")
+    os.makedirs(out, exist_ok=True)
+    source = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style, cfg.min_size)
+    if yields_latents(source):
+        raise ValueError(f"--data {cfg.data}: already latents")
+    if isinstance(source, torch.utils.data.IterableDataset):         # one latent shard per tar shard
+        chunks = [(os.path.basename(p)[:-4], p) for p in source.shards]
+    else:                                                             # a folder: chunks of ENCODE_CHUNK items
+        n = min(len(source), cfg.train_images or len(source))
+        chunks = [(f"{i // ENCODE_CHUNK:05d}", range(i, min(i + ENCODE_CHUNK, n))) for i in range(0, n, ENCODE_CHUNK)]
+    t0, done, counts = time.time(), 0, {}
+    for k, (name, part) in enumerate(chunks):
+        path = os.path.join(out, f"{name}.pt")
+        if k % world != rank or os.path.isfile(path):                 # another rank's, or written before a stop
+            continue
+        if isinstance(part, str):
+            readers = (functools.partial(data.decode_sample, p, cfg.resolution, cfg.min_size)
+                       for _, p in data.tar_samples(part, counts))
+        else:
+            readers = (functools.partial(source.__getitem__, i) for i in part)
+        means, stds, captions = [], [], []
+        for images, texts in data.chunked(readers, cfg.batch_size, counts):
+            with torch.no_grad(), autocast(cfg, device):
+                post = vae.encode(images.to(device))                  # q(z | x): (B, c, H/f, W/f) each
+            means.append((post.mean.float() * vae.cfg.scaling_factor).half().cpu())
+            stds.append((post.std.float() * vae.cfg.scaling_factor).half().cpu())
+            captions += texts
+        if captions:
+            config.save_checkpoint(path, {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions})
+        done += len(captions)
+        if rank == 0:
+            print(f"encode: {name} ({len(captions)} latents), {done / (time.time() - t0):.1f} images/s")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        held = data.make_dataset(cfg.data, "heldout", cfg.resolution)
+        items = [held[i] for i in range(min(cfg.eval_images, len(held)))]
+        images = ((torch.stack([x for x, _ in items]) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        config.save_checkpoint(os.path.join(out, "heldout.pt"), {"images": images, "captions": [c for _, c in items]})
+        shards = [f"{name}.pt" for name, _ in chunks if os.path.isfile(os.path.join(out, f"{name}.pt"))]
+        count = sum(len(torch.load(os.path.join(out, s), weights_only=True)["captions"]) for s in shards)
+        config.write_json(os.path.join(out, data.LATENTS_MANIFEST), {
+            "shards": shards, "count": count, "resolution": cfg.resolution, "vae": vae_lib.encoder_fingerprint(vae),
+            "vae_source": cfg.vae_diffusers or cfg.vae_ckpt or "out_dir", "latent_channels": vae.cfg.latent_channels,
+            "scaling_factor": vae.cfg.scaling_factor, "source": cfg.data, "skipped": counts})
+        print(f"encode: {count} latents in {len(shards)} shards -> {out} ({(time.time() - t0) / 60:.1f} min; "
+              f"unreadable or too small, skipped: {counts.get('bad', 0) + counts.get('small', 0)})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,9 +356,8 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     net = wrap(model, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     latent_shape = tuple(one_latent(cfg, vae, "cpu").shape[1:])       # (c, H/f, W/f)
-    grid_prompts = None
-    if cfg.data == "shapes":                                      # 8 held-out prompts and 8 training captions
-        grid_prompts = evaluate.heldout_prompts(cfg, 8) + [dataset[i][1] for i in range(8)]
+    prompts = grid_prompts(cfg, dataset)
+    val = validation_batch(cfg, vae) if rank == 0 else None       # held-out latents, t and noise, fixed
     meter, t0, seen = Meter(world, device), time.time(), 0
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
@@ -288,7 +367,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             sl = micro_slice(cfg, rank, world, k)
             t, eps = t_all[sl].to(device), eps_all[sl].to(device)
             texts = ["" if d else c for c, d in zip(texts, drop_all[sl].tolist())]    # CFG: the empty prompt
-            z0 = to_latents(x, vae, isinstance(dataset, data.Latents))          # (B, c, H/f, W/f), ~unit var.
+            z0 = to_latents(x, vae, yields_latents(dataset))          # (B, c, H/f, W/f), ~unit var.
             ids = text.tokenizer(texts).to(device)                                   # (B, L)
             with autocast(cfg, device):
                 x_t = sample.q_sample(sched, z0, t, eps)
@@ -303,19 +382,19 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         done = step + 1 == cfg.steps
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_diffusion(path, cfg, step + 1, model, ema, opt, vae)
-        if rank == 0 and grid_prompts and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
-            pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
-            imgs = pipe.images(grid_prompts, steps=20, guidance_scale=cfg.guidance, seed=0)
-            data.image_grid(imgs.cpu(), nrow=8).save(os.path.join(cfg.out_dir, f"samples_{step + 1:06d}.png"))
+        if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
+            log.record(step + 1, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
+            progress_grid(cfg, ema.unet, vae, ema.text, sched, device, prompts, step + 1, steps=20,
+                          guidance_scale=cfg.guidance)
             model.train()
     log.close()
     if rank == 0:
         ids = text.tokenizer([""]).to(device)
         macs = latent_macs(model, cfg, vae, ids)                      # the UNet and the text encoder
-        finish_stage(cfg, log, start, t0, device, 6 * macs, ["loss"])
-        if cfg.data == "shapes":
-            pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
-            evaluate.diffusion_report(cfg, pipe)
+        log.record(cfg.steps, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
+        finish_stage(cfg, log, start, t0, device, 6 * macs, ["loss", "val_loss"])
+        pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
+        evaluate.diffusion_report(cfg, pipe)             # the checker on the synthetic shapes only
     return path
 
 
@@ -351,6 +430,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
               f"D {md.count_params(disc) / 1e6:.1f}M, gap {ufo_cfg.gap}")
     g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
+    prompts = grid_prompts(cfg, dataset)
     null, meter, t0 = null_context(text), Meter(world, device), time.time()   # null: (1, L, D)
     for step in range(start, cfg.steps):
         rng = step_generator(cfg, step)
@@ -358,7 +438,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         d_step = step % ufo_cfg.d_every == 0
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
-            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))  # (B,c,h,w) (B,L,D)
+            z0, ctx = latent_batch(x, texts, vae, text, yields_latents(dataset))  # (B,c,h,w) (B,L,D)
             uncond = null.expand(ctx.shape[0], -1, -1)
             t = t_all[micro_slice(cfg, rank, world, k)].to(device)
             t_prev = (t - ufo_cfg.gap).clamp(min=0)                               # t' = t - gap
@@ -399,14 +479,15 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf, {"ufogen": ufo_cfg},
                            g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d)
+        if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+            progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1, **sample.SAMPLING["onestep"])
     log.close()
     if rank == 0:
         # G forward + backward (6 G); D forwards real, fake, fake-through-G, backs all three (18 D / d_every).
         g_macs, d_macs = latent_macs(gen, cfg, vae, null), latent_macs(disc, cfg, vae, null)
         flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every
         finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "g_adv", "recon"])
-        if cfg.data == "shapes":
-            evaluate.one_step_report(cfg, base, path, device)
+        evaluate.one_step_report(cfg, base, path, device)
     return path
 
 
@@ -433,6 +514,7 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         start = restore(ck, g_raw=student, g_ema_raw=student_ema, opt_g=opt)
     net = wrap(student, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
+    prompts = grid_prompts(cfg, dataset)
     null, meter, t0 = null_context(text), Meter(world, device), time.time()
     for step in range(start, cfg.steps):
         rng = step_generator(cfg, step)
@@ -441,7 +523,7 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         lr = set_lr(step, cfg, opt)
         for _ in range(cfg.grad_accum):
             x, texts = next(stream)
-            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))
+            z0, ctx = latent_batch(x, texts, vae, text, yields_latents(dataset))
             uncond = null.expand(ctx.shape[0], -1, -1)
             tb = torch.full((z0.shape[0],), t, dtype=torch.long, device=device)
             x_t = sample.q_sample(sched, z0, tb, torch.randn(z0.shape, generator=rng).to(device))
@@ -460,13 +542,15 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_generator(path, cfg, step + 1, student, student_ema, text, vae, base_conf, {"distill": dcfg},
                            g_raw=student, g_ema_raw=student_ema, opt_g=opt)
+        if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+            progress_grid(cfg, student_ema, vae, text, sched, device, prompts, step + 1,
+                          **sample.SAMPLING["eight_step"])
     log.close()
     if rank == 0:
         # student forward + backward (6 S); the guided teacher's `sub` DDIM steps, 2 forwards each (4 sub T).
         flops = (6 + 4 * sub) * latent_macs(student, cfg, vae, null)
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
-        if cfg.data == "shapes":
-            evaluate.few_step_report(cfg, sample.Pipeline.from_checkpoint(path, device), dcfg.target_steps)
+        evaluate.few_step_report(cfg, sample.Pipeline.from_checkpoint(path, device), dcfg.target_steps)
     return path
 
 
@@ -498,7 +582,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
     if rank == 0:
         n = sum(p.numel() for p in params)
         print(f"{cfg.stage}: {n / 1e6:.3f}M trained params on the frozen base {base} ({cfg.style} data)")
-    dataset, stream, log = stage_data(cfg, rank, world, start, device)
+    dataset, stream, log = stage_data(cfg, rank, world, start, device, vae if adapter is None else None)
     latent_shape = tuple(one_latent(cfg, vae, "cpu").shape[1:])
     meter, t0 = Meter(world, device), time.time()
     for step in range(start, cfg.steps):
@@ -509,7 +593,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
             sl = micro_slice(cfg, rank, world, k)
             t, eps = t_all[sl].to(device), eps_all[sl].to(device)
             texts = ["" if d else c for c, d in zip(texts, drop_all[sl].tolist())]
-            z0, ctx = latent_batch(x, texts, vae, text, isinstance(dataset, data.Latents))
+            z0, ctx = latent_batch(x, texts, vae, text, yields_latents(dataset))
             with autocast(cfg, device):
                 x_t = sample.q_sample(sched, z0, t, eps)
                 if adapter is None:
@@ -533,8 +617,10 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
         # The UNet's forward and backward (the plugin's gradients pass through it); the adapter's are small.
         flops = 6 * latent_macs(unet, cfg, vae, null_context(text))
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
-        if cfg.data == "shapes":
+        if cfg.data == "shapes":                         # 5.4's metrics need the shapes' attributes
             evaluate.plugin_stage_report(cfg, sample.Pipeline.from_checkpoint(base, device), path, device)
+        else:                                            # real data: held-out captions without / with it
+            evaluate.plugin_grid(cfg, base, path, device)
     return path
 
 
@@ -596,6 +682,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected a value in [0, 1]")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < 2^32")
+    if cfg.min_size < 0 or cfg.shuffle_buffer < 1:
+        raise ValueError(f"--min_size {cfg.min_size} / --shuffle_buffer {cfg.shuffle_buffer}: expected >= 0 / >= 1")
+    if cfg.prompts and not os.path.isfile(cfg.prompts):
+        raise ValueError(f"--prompts {cfg.prompts}: no such file")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the checkpoint, or "
                          "replace it")
@@ -613,7 +703,7 @@ def parse_args(argv=None) -> tuple[dict, dict]:
     """(the TrainConfig fields given on the command line, the networks' configs); every stage that will run
     is validated."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {k: "default: the stage's (" + ", ".join(f"{st} {v[k]:g}" for st, v in STAGE_DEFAULTS.items())
+    helps = {k: "default: the stage's (" + ", ".join(f"{st} {v[k]:g}" for st, v in STAGE_DEFAULTS.items() if k in v)
              + ")" for k in ("steps", "lr", "batch_size")}
     helps["style"] = "default: plain (the lora stage: outlined)"
     config.add_config_flags(p, TrainConfig, shown=TrainConfig(), choices=CHOICES, helps=helps)
@@ -664,6 +754,8 @@ def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int,
         own = run.stage == "decoder" and run.init_from
         teacher = run.init_from if own else os.path.join(run.out_dir, "vae.pt")
         train_decoder(staged("decoder"), nets["light"], teacher, rank, world, device)
+    if "encode" in names:
+        train_encode(staged("encode"), rank, world, device)
     if "diffusion" in names:
         train_diffusion(staged("diffusion"), nets["unet"], rank, world, device, nets["text"])
     if "ufogen" in names:

@@ -160,15 +160,42 @@ def diffusion_noise(cfg, step: int, latent_shape: tuple):
 
 
 def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):
-    """(dataset, batch stream from step `start`, Log) for cfg.stage. Given the stage's frozen `vae` and
-    cfg.train_images = N, the dataset is the first N training images as latents, encoded once (the stream then
-    yields latents, not images; see to_latents)."""
-    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style)
-    if vae is not None and cfg.train_images > 0:
+    """(dataset, batch stream from step `start`, Log) for cfg.stage. `vae`: the stage's frozen VAE when it trains
+    on latents. Then cached latents (--data from --stage encode) are checked to come from this VAE's encoder,
+    and with cfg.train_images = N a map-style dataset becomes its first N items as latents, encoded once (the
+    stream then yields latents, not images; see to_latents). Without a `vae` the stage needs images."""
+    dataset = data.make_dataset(cfg.data, "train", cfg.resolution, cfg.style, cfg.min_size, cfg.shuffle_buffer)
+    if yields_latents(dataset):
+        if vae is None:
+            raise ValueError(f"--data {cfg.data}: cached latents, but the {cfg.stage} stage trains on images; give "
+                             f"the image folder or shards the latents were made from")
+        check_latents(cfg.data, vae)
+        if cfg.random_flip:
+            raise ValueError("--random_flip: the flip of a cached latent is not the latent of the flipped image; "
+                             "train on the images, or without flips")
+    elif vae is not None and cfg.train_images > 0:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ValueError(f"--train_images {cfg.train_images}: keeps the first N items of a folder in memory; "
+                             f"for shards, encode them once with --stage encode and train on --data <latents dir>")
         dataset = encode_dataset(dataset, cfg.train_images, vae, device)
     stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device,
-                          cfg.num_workers)
+                          cfg.num_workers, cfg.random_flip)
     return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+
+
+def yields_latents(dataset) -> bool:
+    """Whether a dataset's items are latents already (cached), not images."""
+    return bool(getattr(dataset, "yields_latents", False))
+
+
+def check_latents(folder: str, vae) -> None:
+    """Refuse latents that another VAE's encoder made (they would be noise to this model)."""
+    man = data.latents_manifest(folder)
+    mine = vae_lib.encoder_fingerprint(vae)
+    if man["vae"] != mine:
+        raise ValueError(f"--data {folder}: these latents were made by a VAE with encoder fingerprint {man['vae']} "
+                         f"({man.get('vae_source', '?')}), this stage's VAE has {mine}: encode again with --stage "
+                         f"encode and this VAE")
 
 
 @torch.no_grad()
@@ -202,6 +229,46 @@ def latent_batch(x, texts, vae, text, cached: bool):
 def due(step: int, every: int, cfg) -> bool:
     """After optimiser step `step` (0-based): every `every` steps, and at the last."""
     return (step + 1) % every == 0 or step + 1 == cfg.steps
+
+
+def grid_prompts(cfg, dataset, n: int = 8) -> list[str]:
+    """The prompts of the progress grids: --prompts FILE, else n held-out captions and n training captions."""
+    if cfg.prompts:
+        return evaluate.read_prompts(cfg.prompts)
+    train = [] if isinstance(dataset, torch.utils.data.IterableDataset) else [dataset[i][1] for i in range(min(n, len(dataset)))]
+    return evaluate.heldout_prompts(cfg, n) + train
+
+
+@torch.no_grad()
+def validation_batch(cfg, vae, n: int = 64):
+    """(latents, captions, t, eps) of up to n held-out images, fixed for the stage: the validation loss compares
+    like with like at every step (t and eps from a generator of their own; the training RNG is not touched)."""
+    held = data.make_dataset(cfg.data, "heldout", cfg.resolution)
+    items = [held[i] for i in range(min(n, len(held)))]
+    x = torch.stack([im for im, _ in items]).to(next(vae.parameters()).device)
+    z0 = to_latents(x, vae, cached=False)
+    rng = torch.Generator().manual_seed(12345)
+    t = torch.randint(0, sample.T, (len(items),), generator=rng).to(z0.device)
+    eps = torch.randn(z0.shape, generator=rng).to(z0.device)
+    return z0, [c for _, c in items], t, eps
+
+
+@torch.no_grad()
+def validation_loss(model, sched, batch, min_snr: float) -> float:
+    """The denoiser's loss (sample.v_loss) on the held-out validation batch."""
+    z0, captions, t, eps = batch
+    ids = model.text.tokenizer(captions).to(z0.device)
+    return float(sample.v_loss(sched, model(sample.q_sample(sched, z0, t, eps), t, ids), z0, t, eps, min_snr))
+
+
+@torch.no_grad()
+def progress_grid(cfg, unet, vae, text, sched, device: str, prompts: list[str], step: int, **sampling) -> None:
+    """out_dir/<name>_<step>.png: the stage's model on the grid prompts, 8 a row (samples_ for the diffusion
+    stage, <stage>_ for the others), seed 0 every time so that successive grids compare."""
+    pipe = sample.Pipeline(unet, vae, text, sched, device, cfg.resolution)
+    imgs = pipe.images(prompts, seed=0, **sampling)
+    name = "samples" if cfg.stage == "diffusion" else cfg.stage
+    data.image_grid(imgs.cpu(), nrow=8).save(os.path.join(cfg.out_dir, f"{name}_{step:06d}.png"))
 
 
 # ----------------------------------------------------------------------------------------------------

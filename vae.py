@@ -23,6 +23,7 @@ Run it:
 """
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -327,6 +328,18 @@ def load_weights_file(folder: str) -> dict:
 
 
 @torch.no_grad()
+def encoder_fingerprint(vae: "VAE") -> str:
+    """A hash of what makes a latent: the encoder's and quant_conv's weights and the scaling factor. The light
+    decoder keeps its teacher's encoder bit for bit, so both VAEs give one fingerprint (cached latents made
+    with one are valid for the other)."""
+    h = hashlib.sha256(repr(float(vae.cfg.scaling_factor)).encode())
+    for prefix in ("encoder.", "quant_conv."):
+        for k, t in sorted((k, t) for k, t in vae.state_dict().items() if k.startswith(prefix)):
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def estimate_scaling_factor(vae: VAE, images: torch.Tensor) -> float:
     """SD's recipe: 1 / std of the encoder's posterior samples on a batch of training images, so the
     diffusion model sees latents of ~unit variance (SD 1.x got 0.18215 this way)."""

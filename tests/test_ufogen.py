@@ -13,6 +13,7 @@ import config
 import md
 import plugins as P
 import sample as S
+import train
 import train_utils
 import ufogen as U
 
