@@ -117,12 +117,12 @@ def main(argv=None):
     out[f"encoder_images_per_s_{enc_res}"] = encoder_rate(vae, enc_res, 2 if args.quick else 4, 1 if args.quick else 3)
 
     # 3. one md diffusion step at a small resolution, with and without the encoder in it
-    res, batch = (32, 1) if args.quick else (64, 4)
+    step_res, batch = (32, 1) if args.quick else (64, 4)
     unet = md.UNet(unet_cfg)
     text_cfg = md.TEXT_PRESETS["clip-l14"]
     for cached in (False, True):
-        key = f"md_step_s_{res}px_b{batch}_{'cached' if cached else 'encoder'}"
-        out[key] = diffusion_step_seconds(unet, text_cfg, vae, res, batch, cached, 1 if args.quick else 3)
+        key = f"md_step_s_{step_res}px_b{batch}_{'cached' if cached else 'encoder'}"
+        out[key] = diffusion_step_seconds(unet, text_cfg, vae, step_res, batch, cached, 1 if args.quick else 3)
 
     # 4. GPU extrapolation: FLOPs per image = 2 x MACs, x3 for forward + backward; the encoder forward only
     gpu = H100_BF16_TFLOPS * 1e12 * MFU
@@ -136,14 +136,17 @@ def main(argv=None):
                          "workers_per_gpu": 0 if cached else ips / decode,
                          "days_8_gpus": steps * bs / (8 * ips) / 86400, "days_64_gpus": steps * bs / (64 * ips) / 86400})
     out["gpu_estimate"] = rows
+    # the one pass of --stage encode that the cache costs, over 5.1's 150M pairs, at each resolution
+    out["encode_pass_days_8_gpus"] = {res: 150e6 * 2e9 * out[f"encoder_gmacs_{res}"] / (8 * gpu) / 86400
+                                      for res in (256, 512)}
 
     print(f"JPEG decode + resize, images/s per worker: 512x683 -> 256: {out['decode_512x683_to_256']:.0f}; "
           f"512x683 -> 512: {out['decode_512x683_to_512']:.0f}; 1024x768 -> 512: {out['decode_1024x768_to_512']:.0f}")
     print(f"md VAE encoder: {out['encoder_gmacs_256']:.1f} / {out['encoder_gmacs_512']:.1f} GMACs per image at "
           f"256 / 512px (md UNet: {out['unet_gmacs_256']:.1f} / {out['unet_gmacs_512']:.1f} per evaluation, x3 "
           f"with its backward); {out[f'encoder_images_per_s_{enc_res}']:.2f} images/s at {enc_res}px on this CPU")
-    k_enc, k_cache = (f"md_step_s_{res}px_b{batch}_{k}" for k in ("encoder", "cached"))
-    print(f"md diffusion step at {res}px, batch {batch}, this CPU: {out[k_enc]:.2f} s with the encoder in it, "
+    k_enc, k_cache = (f"md_step_s_{step_res}px_b{batch}_{k}" for k in ("encoder", "cached"))
+    print(f"md diffusion step at {step_res}px, batch {batch}, this CPU: {out[k_enc]:.2f} s with the encoder in it, "
           f"{out[k_cache]:.2f} s on cached latents")
     print(f"One H100 at {MFU:.0%} of {H100_BF16_TFLOPS:.0f} TFLOP/s (bf16):")
     print("| px | latents | images/s per GPU | decode workers per GPU | days on 8 GPUs | days on 64 GPUs |")
@@ -155,6 +158,9 @@ def main(argv=None):
     total = {c: sum(r["days_8_gpus"] for r in rows if r["cached"] == c) for c in (True, False)}
     print(f"5.1's whole recipe (256px then 512px) on 8 GPUs: {total[True]:.0f} days cached, {total[False]:.0f} "
           f"days encoding every step; on 64 GPUs: {total[True] / 8:.1f} and {total[False] / 8:.1f}")
+    enc = out["encode_pass_days_8_gpus"]
+    print(f"The cache's one encode pass over 150M pairs on 8 GPUs: {enc[256]:.2f} days at 256px, {enc[512]:.2f} at "
+          f"512px (the recipe draws each image ~{RECIPE[0][1] * RECIPE[0][2] / 150e6:.0f} times at 256px)")
     if args.json:
         config.write_json(args.json, out)
     return out

@@ -135,10 +135,12 @@ def save_checkpoint(path: str, payload: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint, weights only (no pickled code runs), memory-mapped: a tensor is read from disk when it is
+    used, so loading a sampler's EMA weights from a ufogen.pt never reads its discriminator and optimisers."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path!r} could not be read as a weights-only torch file: {e}") from e
 

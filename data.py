@@ -14,6 +14,7 @@ Data for every training stage.
 Images are float tensors (3, H, W) in [-1, 1]; a dataset item is (image, caption).
 """
 
+import array
 import io
 import itertools
 import json
@@ -277,13 +278,22 @@ def resize_crop(im: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
 
 
+def draft(im: Image.Image, resolution: int) -> Image.Image:
+    """A JPEG of twice the size or more is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft: the DCT does the first
+    halvings), never below `resolution` on either side: it halves decoding time (docs/results.md). Call it on a
+    file just opened, before its pixels are read."""
+    if im.format == "JPEG":
+        im.draft(im.mode, (resolution, resolution))
+    return im
+
+
 def load_image(path: str, resolution: int, min_size: int = 0) -> torch.Tensor:
     """An image file as (3, R, R) in [-1, 1] (to_rgb, resize_crop). An image whose shorter side is below min_size
     raises TooSmall (ImageFolder counts those apart from unreadable files)."""
     with Image.open(path) as im:
         if min(im.size) < min_size:
             raise TooSmall(f"{path}: {im.width}x{im.height}, shorter side below --min_size {min_size}")
-        return resize_crop(to_rgb(im), resolution)
+        return resize_crop(to_rgb(draft(im, resolution)), resolution)
 
 
 class TooSmall(ValueError):
@@ -299,11 +309,10 @@ def read_caption(path: str) -> str:
         raise ValueError(f"caption file {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
 
 
-def metadata_items(meta: str, root: str) -> list[tuple[str, str]]:
+def metadata_items(meta: str, root: str):
     """(path, caption) per line of a diffusers metadata.jsonl: {"file_name": <path relative to the folder>,
     "text": <caption or null>}. A line that is not such an object, or a file_name outside the folder (absolute,
     or climbing out with ..), is an error naming the file and line."""
-    items, real_root = [], os.path.realpath(root)
     with open(meta, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -322,26 +331,61 @@ def metadata_items(meta: str, root: str) -> list[tuple[str, str]]:
             if not isinstance(text, str):
                 raise ValueError(f'{where}: "text" is {type(text).__name__} {text!r}, expected a string or null')
             name = rec["file_name"]
-            path = os.path.realpath(os.path.join(root, name))
-            if os.path.isabs(name) or os.path.commonpath([real_root, path]) != real_root:
+            rel = os.path.normpath(name)
+            if os.path.isabs(name) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
                 raise ValueError(f'{where}: "file_name" {name!r} is outside the folder {root} (expected a path '
                                  f"relative to it)")
-            items.append((path, text))
-    return items
+            yield os.path.join(root, rel), text
 
 
-def sidecar_items(root: str) -> list[tuple[str, str]]:
+def sidecar_items(root: str):
     """(path, caption) for every image under `root`, in sorted order, with a same-name .txt caption (a missing
     one is an empty caption). Subfolders included: img2dataset's folder output is 00000/<key>.jpg + <key>.txt."""
-    items = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() in IMAGE_EXTS:
                 txt = os.path.join(folder, stem + ".txt")
-                items.append((os.path.join(folder, name), read_caption(txt) if os.path.isfile(txt) else ""))
-    return items
+                yield os.path.join(folder, name), read_caption(txt) if os.path.isfile(txt) else ""
+
+
+def existing(pairs, missing: list):
+    """The (path, caption) pairs whose file exists; the others' paths go to `missing`."""
+    for path, text in pairs:
+        if os.path.isfile(path):
+            yield path, text
+        else:
+            missing.append(path)
+
+
+def is_heldout(k: int, n: int) -> bool:
+    """Item k of a folder of n is held out: every HELDOUT_EVERY-th; in a smaller folder, the last of two or more."""
+    return k % HELDOUT_EVERY == HELDOUT_EVERY - 1 if n >= HELDOUT_EVERY else n > 1 and k == n - 1
+
+
+class ItemTable:
+    """(path, caption) pairs packed into one byte string with offsets: about the text's own size, where a list
+    of a million tuples costs ~330 MB per process, and nothing that DataLoader workers' reference counts copy
+    page by page (the fork-and-copy growth of big Python lists)."""
+
+    def __init__(self, pairs):
+        self.blob, self.offsets = bytearray(), array.array("q", [0])
+        for path, text in pairs:
+            for s in (path, text):
+                self.blob += s.encode("utf-8")
+                self.offsets.append(len(self.blob))
+        self.blob = bytes(self.blob)
+
+    def __len__(self):
+        return (len(self.offsets) - 1) // 2
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> tuple[str, str]:
+        o = self.offsets
+        return (self.blob[o[2 * i]:o[2 * i + 1]].decode("utf-8"), self.blob[o[2 * i + 1]:o[2 * i + 2]].decode("utf-8"))
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -359,17 +403,19 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"ImageFolder split = {split!r}, expected 'all', 'train' or 'heldout'")
         self.root, self.resolution, self.min_size, self.skipped, self.too_small = root, resolution, min_size, 0, 0
         meta = os.path.join(root, "metadata.jsonl")
-        items = metadata_items(meta, root) if os.path.isfile(meta) else sidecar_items(root)
-        found = [(p, t) for p, t in items if os.path.isfile(p)]
-        if len(found) < len(items):
-            print(f"data: {len(items) - len(found)} files listed in {meta} are missing; skipped")
-        if not found:
+        listed = metadata_items(meta, root) if os.path.isfile(meta) else sidecar_items(root)
+        missing = []
+        found = ItemTable(existing(listed, missing))
+        if missing:
+            print(f"data: {len(missing)} files listed in {meta} are missing (first: {missing[0]}); skipped")
+        n = len(found)
+        if not n:
             raise ValueError(f"data folder {root!r} has no usable images (looked for metadata.jsonl, "
                              f"or {'/'.join(IMAGE_EXTS)} files with .txt captions, subfolders included)")
-        held = set(range(HELDOUT_EVERY - 1, len(found), HELDOUT_EVERY)) or ({len(found) - 1} if len(found) > 1 else set())
-        if split != "all":
-            found = [it for k, it in enumerate(found) if (k in held) == (split == "heldout")]
-        self.items = found
+        if split == "all":
+            self.items = found
+        else:
+            self.items = ItemTable(found[k] for k in range(n) if is_heldout(k, n) == (split == "heldout"))
 
     def __len__(self):
         return len(self.items)
@@ -509,7 +555,7 @@ def decode_sample(parts: dict, resolution: int, min_size: int = 0):
     with Image.open(io.BytesIO(parts[ext])) as im:
         if min(im.size) < min_size:
             raise TooSmall(f"{im.width}x{im.height}, shorter side below --min_size {min_size}")
-        image = resize_crop(to_rgb(im), resolution)
+        image = resize_crop(to_rgb(draft(im, resolution)), resolution)
     if "txt" in parts:
         text = parts["txt"].decode("utf-8").strip()
     else:

@@ -647,6 +647,26 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h))
 
 
+def special_ids(tokenizer_folder: str) -> tuple[int, int, int]:
+    """(bos, eos, pad) token ids from the tokenizer's own files: the vocabulary's <|startoftext|> and
+    <|endoftext|>, and tokenizer_config.json's pad_token (SD-1.5: <|endoftext|>; SD-2: "!"). The text encoder's
+    config.json is not used for them: SD-1.5's still says transformers' legacy bos 0 / eos 2 / pad 1."""
+    with open(os.path.join(tokenizer_folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
+    if missing:
+        raise ValueError(f"{tokenizer_folder}/vocab.json: no {', '.join(missing)} entry (not a CLIP vocabulary)")
+    pad = "<|endoftext|>"
+    cfg_path = os.path.join(tokenizer_folder, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            p = json.load(f).get("pad_token", pad)
+        pad = p.get("content", pad) if isinstance(p, dict) else (p or pad)
+    if pad not in vocab:
+        raise ValueError(f"{cfg_path}: pad_token {pad!r} is not in vocab.json")
+    return vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
+
+
 class TextEncoder(nn.Module):
     """CLIP's text transformer: token + position embeddings, causal pre-LN layers, final LayerNorm; the
     whole last hidden state (B, 77, D) conditions the UNet, as in SD. Parameter names match Hugging Face's
@@ -702,12 +722,12 @@ class TextEncoder(nn.Module):
         hf = hf.get("text_config", hf)                            # a full CLIPModel nests the text config
         if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
             raise ValueError(f"{cfg_path}: hidden_act = {hf['hidden_act']!r}; this encoder implements CLIP's quick_gelu")
+        bos, eos, pad = special_ids(tok)
         cfg = TextConfig(vocab_size=hf.get("vocab_size", 49408), max_len=hf.get("max_position_embeddings", 77),
                          width=hf.get("hidden_size", 768), layers=hf.get("num_hidden_layers", 12),
                          heads=hf.get("num_attention_heads", 12),
                          mlp_ratio=hf.get("intermediate_size", 3072) // hf.get("hidden_size", 768),
-                         bos_id=hf.get("bos_token_id", 49406), eos_id=hf.get("eos_token_id", 49407),
-                         pad_id=hf.get("eos_token_id", 49407))
+                         bos_id=bos, eos_id=eos, pad_id=pad)
         model = cls(cfg, os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt"))
         st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(st):

@@ -418,7 +418,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes a PNG grid")
+    p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes the image "
+                                            "(one) or a grid of them (several)")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative_prompt", default="")
@@ -471,7 +472,8 @@ def main(argv=None):
     prompts = [q for q in args.prompt for _ in range(args.n)]
     imgs = pipe.images(prompts, steps=steps, guidance_scale=guidance, seed=args.seed, height=size,
                        negative_prompt=args.negative_prompt, sampler=sampler, eta=args.eta, paste=not args.no_paste, **kw)
-    data.image_grid(imgs, nrow=args.n).save(args.out)
+    # One image is written at exactly the requested size; several as a grid (one row per prompt).
+    (data.to_pil(imgs[0]) if len(imgs) == 1 else data.image_grid(imgs, nrow=args.n)).save(args.out)
     plug = ", ".join(x for x in (args.lora and f"LoRA {args.lora} x{args.lora_scale}", args.adapter and f"adapter {args.adapter}",
                                  args.init and ("inpainting" if args.mask else "image-to-image") + f" (strength {args.strength})") if x)
     print(f"wrote {args.out}: {len(args.prompt)} prompt(s) x {args.n}, {sampler} {steps} steps, guidance {guidance}"

@@ -487,6 +487,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         g_macs, d_macs = latent_macs(gen, cfg, vae, null), latent_macs(disc, cfg, vae, null)
         flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every
         finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "g_adv", "recon"])
+        # Free G, D and their optimisers first: at the md preset they are ~14 GB, and the report loads two more.
+        del gen, gen_ema, disc, g_net, d_net, opt_g, opt_d, g_params, teacher, unet
         evaluate.one_step_report(cfg, base, path, device)
     return path
 
@@ -550,6 +552,7 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         # student forward + backward (6 S); the guided teacher's `sub` DDIM steps, 2 forwards each (4 sub T).
         flops = (6 + 4 * sub) * latent_macs(student, cfg, vae, null)
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
+        del student, student_ema, net, opt, teacher, unet                # room for the report (md: GBs)
         evaluate.few_step_report(cfg, sample.Pipeline.from_checkpoint(path, device), dcfg.target_steps)
     return path
 

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -281,9 +282,13 @@ class VAE(nn.Module):
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: no config.json (expected a diffusers AutoencoderKL folder)")
-        with open(cfg_path) as f:
-            dc = json.load(f)
-        n = len(dc.get("block_out_channels", ()))
+        try:
+            with open(cfg_path) as f:
+                dc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not JSON ({e})") from None
+        if not dc.get("block_out_channels"):
+            raise ValueError(f"{cfg_path}: no block_out_channels; not an AutoencoderKL config")
         cfg = VAEConfig(in_channels=dc.get("in_channels", 3), latent_channels=dc.get("latent_channels", 4),
                         channels=tuple(dc["block_out_channels"]), layers=dc.get("layers_per_block", 2),
                         decoder_channels=tuple(dc["block_out_channels"]),
@@ -291,10 +296,8 @@ class VAE(nn.Module):
                         mid_attn=dc.get("mid_block_add_attention", True),
                         decoder_mid_attn=dc.get("mid_block_add_attention", True),
                         norm_groups=dc.get("norm_num_groups", 32), scaling_factor=dc.get("scaling_factor", 0.18215))
-        if n == 0:
-            raise ValueError(f"{cfg_path}: no block_out_channels; not an AutoencoderKL config")
         vae = cls(cfg)
-        vae.load_state_dict(load_weights_file(folder), source=folder)
+        vae.load_state_dict({rename_legacy(k): t for k, t in load_weights_file(folder).items()}, source=folder)
         return vae
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, source: str = "state dict"):
@@ -312,19 +315,37 @@ class VAE(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def load_weights_file(folder: str) -> dict:
-    """The weights of a diffusers model folder: .safetensors (needs the optional `safetensors`) or .bin."""
-    st = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    bin_ = os.path.join(folder, "diffusion_pytorch_model.bin")
-    if os.path.isfile(st):
+# diffusers still loads AutoencoderKL files saved before its attention blocks were renamed; the same renames:
+LEGACY_ATTENTION = [(re.compile(r"\.query\.(weight|bias)$"), r".to_q.\1"), (re.compile(r"\.key\.(weight|bias)$"), r".to_k.\1"),
+                    (re.compile(r"\.value\.(weight|bias)$"), r".to_v.\1"),
+                    (re.compile(r"\.proj_attn\.(weight|bias)$"), r".to_out.0.\1")]
+
+
+def rename_legacy(key: str) -> str:
+    for pattern, new in LEGACY_ATTENTION:
+        key = pattern.sub(new, key)
+    return key
+
+
+def load_weights_file(folder: str, name: str = "diffusion_pytorch_model") -> dict:
+    """The weights of a diffusers model folder: <name>.safetensors (needs the optional `safetensors`) or .bin,
+    or their fp16 variants (<name>.fp16.safetensors, as save_pretrained(variant="fp16") writes), in that order;
+    an fp16 file loads into the fp32 model."""
+    for file in (f"{name}.safetensors", f"{name}.bin", f"{name}.fp16.safetensors", f"{name}.fp16.bin"):
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            continue
+        if path.endswith(".bin"):
+            return torch.load(path, map_location="cpu", weights_only=True)
         try:
             from safetensors.torch import load_file
         except ImportError as e:
-            raise ImportError(f"{st} needs the optional package safetensors: pip install safetensors") from e
-        return load_file(st)
-    if os.path.isfile(bin_):
-        return torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder}: neither diffusion_pytorch_model.safetensors nor .bin found")
+            raise ImportError(f"{path} needs the optional package safetensors: pip install safetensors") from e
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    raise FileNotFoundError(f"{folder}: no {name}.safetensors, .bin or .fp16 variant of either")
 
 
 @torch.no_grad()

@@ -137,6 +137,26 @@ def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
         torch.testing.assert_close(ours(prompts), ref(want).last_hidden_state, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_clip_special_ids_come_from_the_vocabulary_not_sd15s_legacy_config(tmp_path):
+    """SD-1.5's text_encoder/config.json says bos 0, eos 2, pad 1 (transformers' legacy values); the ids that
+    CLIPTokenizer emits, and that the model was trained on, are the vocabulary's <|startoftext|> / <|endoftext|>."""
+    prompts = ["a red circle on a blue background", "circle"]
+    folder, ref, ref_tok = make_clip_folder(tmp_path, ["red", "circle", "blue", "background", "on"])
+    cfg = json.load(open(folder / "config.json"))
+    cfg.update(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ours = md.TextEncoder.from_pretrained(str(folder))
+    n = len(json.load(open(folder / "vocab.json")))
+    assert (ours.cfg.bos_id, ours.cfg.eos_id, ours.cfg.pad_id) == (n - 2, n - 1, n - 1)
+    want = ref_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours.tokenizer(prompts), want)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompts), ref(want).last_hidden_state, atol=1e-4, rtol=0)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "red</w>"}))    # SD-2 pads with "!"
+    assert md.TextEncoder.from_pretrained(str(folder)).cfg.pad_id == ref_tok.convert_tokens_to_ids("red</w>")
+
+
 def test_long_prompts_are_truncated_with_a_warning(capsys):
     enc = md.TextEncoder(md.TEXT_PRESETS["tiny"])
     ids = enc.tokenizer([" ".join(["x"] * 200)])
@@ -361,3 +381,15 @@ def test_stage_all_trains_what_separate_commands_train(tmp_path):
     b = config.load_checkpoint(str(tmp_path / "apart" / "diffusion.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {"8step", "onestep", "ddim2"} <= set(json.load(open(tmp_path / "all" / "eval.json")))   # all five ran
+
+
+@pytest.mark.slow
+def test_sample_py_writes_one_image_at_exactly_its_size(tiny_base, tmp_path):
+    from PIL import Image
+    one, grid = tmp_path / "one.png", tmp_path / "grid.png"
+    S.main(["--ckpt", str(tiny_base / "diffusion.pt"), "--prompt", "a red circle on a blue background", "--n", "1",
+            "--steps", "2", "--resolution", "48", "--out", str(one)])
+    assert Image.open(one).size == (48, 48)                          # no grid padding around a single image
+    S.main(["--ckpt", str(tiny_base / "diffusion.pt"), "--prompt", "x", "--prompt", "y", "--n", "2", "--steps", "2",
+            "--out", str(grid)])
+    assert Image.open(grid).size == (2 * 34 + 2, 2 * 34 + 2)          # 2 x 2 tiles of 32 px with 2 px gutters

@@ -135,6 +135,44 @@ def test_sd_layout_parity_with_diffusers(tmp_path):
         torch.testing.assert_close(ours.decode(z, clamp=False), ref.decode(z).sample, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_fp16_variant_and_legacy_attention_names_load_as_diffusers_loads_them(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    for p in ref.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    ref.half().save_pretrained(tmp_path / "fp16", variant="fp16")    # only diffusion_pytorch_model.fp16.safetensors
+    assert [p.name for p in (tmp_path / "fp16").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    ref.float()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        ours = V.VAE.from_diffusers(str(tmp_path / "fp16"))
+        torch.testing.assert_close(ours.decode(z, clamp=False), want, atol=5e-2, rtol=0)   # fp16 weights
+    old = tmp_path / "old"                                          # the names before diffusers' rename
+    old.mkdir()
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    legacy = {}
+    for k, t in ref.state_dict().items():
+        for new, was in renames.items():
+            if new in k:
+                k = k.replace(new, was)
+        legacy[k] = t
+    torch.save(legacy, old / "diffusion_pytorch_model.bin")
+    (old / "config.json").write_text((tmp_path / "fp16" / "config.json").read_text())
+    theirs = diffusers.AutoencoderKL.from_pretrained(str(old)).eval()  # diffusers itself loads it
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.decode(z).sample, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(V.VAE.from_diffusers(str(old)).decode(z, clamp=False), want, atol=1e-4, rtol=0)
+    (old / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no block_out_channels"):
+        V.VAE.from_diffusers(str(old))
+
+
 def test_wrong_architecture_weights_named_in_error(tmp_path):
     small = tiny_vae()
     other = V.VAE(dataclasses.replace(V.PRESETS["tiny"], latent_channels=4))
