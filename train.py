@@ -313,8 +313,11 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
         done += len(captions)
         if rank == 0:
             print(f"encode: {name} ({len(captions)} latents), {done / (time.time() - t0):.1f} images/s")
-    if world > 1:
-        dist.barrier()
+    if world > 1:                                                     # every rank's skip counts (and a barrier)
+        keys = ("bad", "small", "bad_shards")
+        total = torch.tensor([float(counts.get(k, 0)) for k in keys], device=device)   # (NCCL: on the GPU)
+        dist.all_reduce(total)
+        counts = {k: int(v) for k, v in zip(keys, total.tolist()) if v}
     if rank == 0:
         held = data.make_dataset(cfg.data, "heldout", cfg.resolution)
         items = [held[i] for i in range(min(cfg.eval_images, len(held)))]
