@@ -14,7 +14,6 @@ bench_data.py -- what real data costs at the paper's scale (5.1: 150M pairs; 0.7
 
 import argparse
 import io
-import json
 import time
 
 import numpy as np

@@ -146,13 +146,15 @@ def load_checkpoint(path: str) -> dict:
 
 
 def config_mismatch(saved: dict, current, ignore: tuple = ()) -> list[str]:
-    """Fields whose values differ between a saved config dict and a current dataclass."""
+    """Fields whose values differ between a saved config dict and a current dataclass. A field the saved dict
+    lacks (it was written before the field existed) counts as having the field's default."""
     now = dataclasses.asdict(current)
+    defaults = {f.name: f.default for f in dataclasses.fields(current) if f.default is not dataclasses.MISSING}
     out = []
     for k in sorted(set(saved) | set(now)):
         if k in ignore:
             continue
-        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        a, b = saved.get(k, defaults.get(k, "<absent>")), now.get(k, "<absent>")
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             out.append(f"{k}: checkpoint {a!r} vs now {b!r}")
     return out

@@ -77,7 +77,9 @@ class UNetConfig:
     pooled_text: bool = False                   # add the mean text embedding to the time embedding (SDXL/Imagen
                                                 # do; MD does not say so: off for md, see the tiny preset)
     # --- 3.2 transformer ----------------------------------------------------------------------------
-    head_dim: int = 64               # channels per attention head (SD-1.5 uses 8 heads; 64/head is common)
+    head_dim: int = 64               # channels per attention head (64/head is common), unless `heads` is set
+    heads: int = 0                   # > 0: this many heads at every level instead (SD-1.5: 8, head_dim 40..160)
+    attn_norm_eps: float = 1e-5      # eps of the GroupNorm before each transformer stack (SD's diffusers: 1e-6)
     shared_kv: bool = True           # 3.2: W_K = W_V in self-attention (~5% fewer params)
     attn_act: str = "relu"           # 3.2: "softmax" -> "relu", finetuned from a softmax model
     ff_act: str = "swish"            # 3.2: "gelu" -> "swish" in the GLU (fp16/int8-friendly)
@@ -101,8 +103,8 @@ PRESETS = {
     "sd": UNetConfig(in_channels=4, channels=(320, 640, 1280, 1280), conv_type=("full",) * 4,
                      down_layers=(2, 2, 2, 2), down_depth=(1, 1, 1, 0), up_depth=(1, 1, 1, 0),
                      self_attn=(True, True, True, False), cross_attn=(True, True, True, False),
-                     mid_block=True, head_dim=40, shared_kv=False, attn_act="softmax", ff_act="gelu",
-                     ff_mult=4),
+                     mid_block=True, heads=8, attn_norm_eps=1e-6, shared_kv=False, attn_act="softmax",
+                     ff_act="gelu", ff_mult=4),                 # = UNet.from_diffusers of SD-1.5's config.json
     # The MD topology, narrow: a few million params, trains on a 2-core CPU at 32px (an 8x8 latent, f = 4).
     # Softmax attention because the tiny run trains from scratch; 3.2 finetunes into relu afterwards.
     # pooled_text: with cross-attention alone a run of minutes does not learn the shape's colour; adding the
@@ -126,8 +128,9 @@ def validate(cfg: UNetConfig) -> None:
         if c % cfg.norm_groups:
             raise ValueError(f"UNetConfig.channels[{i}] = {c} is not divisible by norm_groups = {cfg.norm_groups}")
         has_tf = cfg.down_depth[i] or cfg.up_depth[i] or (cfg.mid_block and i == n - 1)
-        if has_tf and c % cfg.head_dim:
-            raise ValueError(f"UNetConfig.channels[{i}] = {c} is not divisible by head_dim = {cfg.head_dim} "
+        split, what = (cfg.heads, "heads") if cfg.heads else (cfg.head_dim, "head_dim")
+        if has_tf and c % split:
+            raise ValueError(f"UNetConfig.channels[{i}] = {c} is not divisible by {what} = {split} "
                              f"(attention heads must split the channels evenly)")
     if cfg.channels[0] % 2:
         raise ValueError(f"UNetConfig.channels[0] = {cfg.channels[0]} must be even (sinusoidal time embedding)")
@@ -224,8 +227,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, cfg: UNetConfig, cross: bool):
         super().__init__()
-        self.heads, self.act = dim // cfg.head_dim, cfg.attn_act
-        self.scale = cfg.head_dim ** -0.5
+        self.heads, self.act = cfg.heads or dim // cfg.head_dim, cfg.attn_act
+        self.scale = (dim // self.heads) ** -0.5
         self.shared_kv = cfg.shared_kv and not cross
         kv_in = context_dim if cross else dim
         self.to_q = nn.Linear(dim, dim, bias=False)
@@ -296,7 +299,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, dim: int, depth: int, cfg: UNetConfig, self_attn: bool, cross_attn: bool):
         super().__init__()
-        self.norm = nn.GroupNorm(cfg.norm_groups, dim)
+        self.norm = nn.GroupNorm(cfg.norm_groups, dim, eps=cfg.attn_norm_eps)
         self.proj_in = nn.Linear(dim, dim)
         self.layers = nn.ModuleList(TransformerLayer(dim, cfg, self_attn, cross_attn) for _ in range(depth))
         self.proj_out = nn.Linear(dim, dim)                                # zero-init (residual branch)
@@ -490,6 +493,106 @@ class UNet(nn.Module):
     def feature_shapes(self, x: torch.Tensor) -> list[tuple]:
         """(C_i, H/2^i, W/2^i) of each level's encoder features for a latent x: what an adapter must produce."""
         return [(c, x.shape[-2] >> i, x.shape[-1] >> i) for i, c in enumerate(self.cfg.channels)]
+
+    # --- loading a diffusers UNet2DConditionModel (Stable Diffusion 1.x's layout) ------------------------
+    @classmethod
+    def from_diffusers(cls, folder: str) -> "UNet":
+        """A diffusers `save_pretrained` UNet folder (or a pipeline folder holding unet/): config.json read into
+        a UNetConfig (unet_config_from_diffusers), every weight loaded strictly through DIFFUSERS_UNET_KEYS
+        (.safetensors, .bin or their fp16 variants)."""
+        import vae as vae_lib                                     # its weights-file reader (vae imports md)
+        folder = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no config.json (expected a diffusers UNet2DConditionModel folder)")
+        try:
+            with open(cfg_path) as f:
+                dc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not JSON ({e})") from None
+        model = cls(unet_config_from_diffusers(dc, cfg_path))
+        own, state = model.state_dict(), {}
+        for key, t in vae_lib.load_weights_file(folder).items():
+            name = diffusers_unet_key(key)
+            if name in own and t.ndim == 4 and own[name].ndim == 2:   # proj_in/out as 1x1 convs (SD-1.x)
+                t = t[:, :, 0, 0]
+            state[name] = t
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{folder}: the weights do not fit the UNet its config.json describes: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
+        model.load_state_dict(state)
+        return model
+
+
+# diffusers' UNet2DConditionModel names -> ours, applied in order (minGPT's from_pretrained lists its renames).
+DIFFUSERS_UNET_KEYS = [
+    (r"^time_embedding\.linear_1\.", "time_mlp.0."), (r"^time_embedding\.linear_2\.", "time_mlp.2."),
+    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"downsample.\1."),
+    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"upsample.\1."),
+    (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.\2.conv."),
+    (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", r"down.\1.\2.attn."),
+    (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", r"up.\1.\2.conv."),
+    (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", r"up.\1.\2.attn."),
+    (r"^mid_block\.resnets\.0\.", "mid.0.conv."), (r"^mid_block\.attentions\.0\.", "mid.0.attn."),
+    (r"^mid_block\.resnets\.1\.", "mid.1.conv."),
+    (r"\.time_emb_proj\.", ".time."), (r"\.conv_shortcut\.", ".skip."),
+    (r"\.transformer_blocks\.(\d+)\.", r".layers.\1."),
+    (r"(layers\.\d+)\.norm1\.", r"\1.norm_sa."), (r"(layers\.\d+)\.norm2\.", r"\1.norm_ca."),
+    (r"(layers\.\d+)\.norm3\.", r"\1.norm_ff."),
+    (r"\.attn1\.", ".sa."), (r"\.attn2\.", ".ca."), (r"\.to_out\.0\.", ".to_out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."), (r"\.ff\.net\.2\.", ".ff.proj_out."),
+    (r"^conv_norm_out\.", "norm_out."),
+]
+
+
+def diffusers_unet_key(key: str) -> str:
+    for pattern, new in DIFFUSERS_UNET_KEYS:
+        key = re.sub(pattern, new, key)
+    return key
+
+
+def unet_config_from_diffusers(dc: dict, where: str) -> UNetConfig:
+    """A diffusers UNet2DConditionModel config as a UNetConfig: SD-1.x's layout (cross-attention down/up blocks
+    and plain ones, an optional cross-attention mid block, additive time embedding). Anything else (SDXL's added
+    conditioning, a class embedding, other block types ...) is refused, naming the field."""
+    def refuse(field, why):
+        raise ValueError(f"{where}: {field} = {dc.get(field)!r}: {why}; this UNet implements SD-1.x's layout")
+    known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+    down, up = dc.get("down_block_types", ()), dc.get("up_block_types", ())
+    if not down or any(b not in known for b in down):
+        refuse("down_block_types", "expected CrossAttnDownBlock2D / DownBlock2D only")
+    if list(up) != [b.replace("Down", "Up") for b in reversed(down)]:
+        refuse("up_block_types", "expected the down blocks' mirror (CrossAttnUpBlock2D / UpBlock2D)")
+    for field, ok in (("addition_embed_type", None), ("class_embed_type", None), ("encoder_hid_dim", None),
+                      ("time_cond_proj_dim", None), ("num_class_embeds", None), ("dual_cross_attention", False),
+                      ("only_cross_attention", False), ("center_input_sample", False), ("flip_sin_to_cos", True),
+                      ("freq_shift", 0), ("act_fn", "silu"), ("time_embedding_type", "positional"),
+                      ("resnet_time_scale_shift", "default"), ("conv_in_kernel", 3), ("conv_out_kernel", 3),
+                      ("norm_eps", 1e-5), ("attention_type", "default")):
+        if dc.get(field, ok) not in (ok, [ok]):
+            refuse(field, f"only {ok!r} is supported")
+    if dc.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in ("UNetMidBlock2DCrossAttn", None):
+        refuse("mid_block_type", "expected UNetMidBlock2DCrossAttn or none")
+    n, per = len(down), lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(down)
+    # diffusers' legacy naming: without num_attention_heads, "attention_head_dim" is the number of heads
+    heads = set(per(dc.get("num_attention_heads") or dc.get("attention_head_dim", 8)))
+    if len(heads) != 1:
+        refuse("attention_head_dim", "one head count at every level is supported")
+    depth = per(dc.get("transformer_layers_per_block", 1))
+    if dc.get("in_channels", 4) != dc.get("out_channels", 4):
+        refuse("out_channels", f"differs from in_channels = {dc.get('in_channels')}")
+    attn = tuple(known[b] for b in down)
+    return UNetConfig(
+        in_channels=dc.get("in_channels", 4), context_dim=dc.get("cross_attention_dim", 768),
+        channels=tuple(dc["block_out_channels"]), conv_type=("full",) * n, down_layers=per(dc.get("layers_per_block", 2)),
+        down_depth=tuple(d if a else 0 for d, a in zip(depth, attn)),
+        up_depth=tuple(d if a else 0 for d, a in zip(depth, attn)), self_attn=attn, cross_attn=attn,
+        mid_block=dc.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None, mid_depth=depth[-1] or 1,
+        heads=heads.pop(), attn_norm_eps=1e-6, shared_kv=False, attn_act="softmax", ff_act="gelu", ff_mult=4,
+        norm_groups=dc.get("norm_num_groups", 32))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ from train_utils import (Meter, autocast, build_text_encoder, build_vae_for_diff
                          clip_and_step, describe_denoiser, diffusion_noise, due, ema_update, ema_warmup,
                          estimate_minutes, finish_stage, gan_optimizers, grid_prompts, init_denoiser,
                          latent_batch, latent_macs, light_from_teacher, load_base, make_optimizer,
-                         make_perceptual, micro_slice, null_context, one_latent, progress_grid, restore, resume_autoencoder,
-                         resume_diffusion, save_autoencoder, save_diffusion, save_generator, set_lr, setup,
-                         stage_checkpoint, stage_data, step_generator, to_latents, vae_macs,
-                         validation_batch, validation_loss, wrap, yields_latents)
+                         make_perceptual, micro_slice, null_context, one_latent, progress_grid, restore,
+                         resume_autoencoder, resume_diffusion, save_autoencoder, save_diffusion,
+                         save_generator, set_lr, setup, stage_checkpoint, stage_data, step_generator,
+                         to_latents, vae_macs, validation_batch, validation_loss, wrap, yields_latents)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainConfig:
     stage: str = "all"               # one of STAGES, or all (ALL_STAGES: the tiny end-to-end run)
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
-    data: str = "shapes"             # shapes (synthetic) | an image folder (metadata.jsonl or .txt captions) |
+    data: str = "shapes"             # shapes (synthetic) | an image folder (metadata.jsonl / .txt captions) |
                                      # tar shards ('s/{00000..00099}.tar', a folder or a .txt list of .tar
                                      # files) | a latents folder (--stage encode)
     min_size: int = 0                # real data: drop (and count) images whose shorter side is below this
@@ -290,11 +290,12 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
         chunks = [(os.path.basename(p)[:-4], p) for p in source.shards]
     else:                                                             # a folder: chunks of ENCODE_CHUNK items
         n = min(len(source), cfg.train_images or len(source))
-        chunks = [(f"{i // ENCODE_CHUNK:05d}", range(i, min(i + ENCODE_CHUNK, n))) for i in range(0, n, ENCODE_CHUNK)]
+        chunks = [(f"{i // ENCODE_CHUNK:05d}", range(i, min(i + ENCODE_CHUNK, n)))
+                  for i in range(0, n, ENCODE_CHUNK)]
     t0, done, counts = time.time(), 0, {}
     for k, (name, part) in enumerate(chunks):
         path = os.path.join(out, f"{name}.pt")
-        if k % world != rank or os.path.isfile(path):                 # another rank's, or written before a stop
+        if k % world != rank or os.path.isfile(path):         # another rank's, or written before a stop
             continue
         if isinstance(part, str):
             readers = (functools.partial(data.decode_sample, p, cfg.resolution, cfg.min_size)
@@ -309,11 +310,12 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
             stds.append((post.std.float() * vae.cfg.scaling_factor).half().cpu())
             captions += texts
         if captions:
-            config.save_checkpoint(path, {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions})
+            shard = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": captions}
+            config.save_checkpoint(path, shard)
         done += len(captions)
         if rank == 0:
             print(f"encode: {name} ({len(captions)} latents), {done / (time.time() - t0):.1f} images/s")
-    if world > 1:                                                     # every rank's skip counts (and a barrier)
+    if world > 1:                                             # every rank's skip counts (and a barrier)
         keys = ("bad", "small", "bad_shards")
         total = torch.tensor([float(counts.get(k, 0)) for k in keys], device=device)   # (NCCL: on the GPU)
         dist.all_reduce(total)
@@ -322,12 +324,14 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
         held = data.make_dataset(cfg.data, "heldout", cfg.resolution)
         items = [held[i] for i in range(min(cfg.eval_images, len(held)))]
         images = ((torch.stack([x for x, _ in items]) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        config.save_checkpoint(os.path.join(out, "heldout.pt"), {"images": images, "captions": [c for _, c in items]})
+        held_out = {"images": images, "captions": [c for _, c in items]}
+        config.save_checkpoint(os.path.join(out, "heldout.pt"), held_out)
         shards = [f"{name}.pt" for name, _ in chunks if os.path.isfile(os.path.join(out, f"{name}.pt"))]
         count = sum(len(torch.load(os.path.join(out, s), weights_only=True)["captions"]) for s in shards)
         config.write_json(os.path.join(out, data.LATENTS_MANIFEST), {
-            "shards": shards, "count": count, "resolution": cfg.resolution, "vae": vae_lib.encoder_fingerprint(vae),
-            "vae_source": cfg.vae_diffusers or cfg.vae_ckpt or "out_dir", "latent_channels": vae.cfg.latent_channels,
+            "shards": shards, "count": count, "resolution": cfg.resolution,
+            "vae": vae_lib.encoder_fingerprint(vae), "latent_channels": vae.cfg.latent_channels,
+            "vae_source": cfg.vae_diffusers or cfg.vae_ckpt or "out_dir",
             "scaling_factor": vae.cfg.scaling_factor, "source": cfg.data, "skipped": counts})
         print(f"encode: {count} latents in {len(shards)} shards -> {out} ({(time.time() - t0) / 60:.1f} min; "
               f"unreadable or too small, skipped: {counts.get('bad', 0) + counts.get('small', 0)})")
@@ -483,14 +487,15 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
             save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf, {"ufogen": ufo_cfg},
                            g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
-            progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1, **sample.SAMPLING["onestep"])
+            progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1,
+                          **sample.SAMPLING["onestep"])
     log.close()
     if rank == 0:
         # G forward + backward (6 G); D forwards real, fake, fake-through-G, backs all three (18 D / d_every).
         g_macs, d_macs = latent_macs(gen, cfg, vae, null), latent_macs(disc, cfg, vae, null)
         flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every
         finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "g_adv", "recon"])
-        # Free G, D and their optimisers first: at the md preset they are ~14 GB, and the report loads two more.
+        # Free G, D and their optimisers first: at the md preset they are ~14 GB; the report loads two more.
         del gen, gen_ema, disc, g_net, d_net, opt_g, opt_d, g_params, teacher, unet
         evaluate.one_step_report(cfg, base, path, device)
     return path
@@ -567,7 +572,8 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
 def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world: int, device: str) -> str:
     """The diffusion stage's loss (v-prediction, min-SNR weighting, CFG dropout: sample.v_loss), with the
     base frozen and only the plugin trained: LoRA factors (stage lora, on the style set) or the adapter (stage
-    adapter, on (plugins.edges(image), image) pairs). 5.4: trained on the base, never on the one-step model."""
+    adapter, on (plugins.edges(image), image) pairs). 5.4: trained on the base, never on the one-step
+    model."""
     base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
     unet.requires_grad_(False)
     sched, adapter = sample.make_schedule(), None
@@ -678,8 +684,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--resolution {cfg.resolution}: expected a positive multiple of 8 (the paper's VAE "
                          f"has f = 8)")
     at_least = {"grad_accum": 1, "log_every": 1, "ckpt_every": 1, "eval_images": 1, "eval_steps": 1,
-                "sample_every": 0, "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0, "guidance": 0,
-                "train_images": 0, "min_snr": 0}
+                "sample_every": 0, "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0,
+                "guidance": 0, "train_images": 0, "min_snr": 0, "min_size": 0, "shuffle_buffer": 1}
     for name, lo in at_least.items():
         if getattr(cfg, name) < lo:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected >= {lo}")
@@ -688,8 +694,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected a value in [0, 1]")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < 2^32")
-    if cfg.min_size < 0 or cfg.shuffle_buffer < 1:
-        raise ValueError(f"--min_size {cfg.min_size} / --shuffle_buffer {cfg.shuffle_buffer}: expected >= 0 / >= 1")
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise ValueError(f"--prompts {cfg.prompts}: no such file")
     if cfg.resume and cfg.overwrite:
@@ -709,8 +713,8 @@ def parse_args(argv=None) -> tuple[dict, dict]:
     """(the TrainConfig fields given on the command line, the networks' configs); every stage that will run
     is validated."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {k: "default: the stage's (" + ", ".join(f"{st} {v[k]:g}" for st, v in STAGE_DEFAULTS.items() if k in v)
-             + ")" for k in ("steps", "lr", "batch_size")}
+    helps = {k: "default: the stage's (" + ", ".join(f"{st} {v[k]:g}" for st, v in STAGE_DEFAULTS.items()
+                                                      if k in v) + ")" for k in ("steps", "lr", "batch_size")}
     helps["style"] = "default: plain (the lora stage: outlined)"
     config.add_config_flags(p, TrainConfig, shown=TrainConfig(), choices=CHOICES, helps=helps)
     for group, (prefix, cls) in FLAG_GROUPS.items():
@@ -739,7 +743,8 @@ def main(argv=None):
 def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int, device: str) -> None:
     t_start, names = time.time(), run_stage_names(run.stage)
     if rank == 0:
-        print(f"stage {run.stage}, preset {run.preset}, {world} process(es) on {device}, out_dir {run.out_dir}")
+        print(f"stage {run.stage}, preset {run.preset}, {world} process(es) on {device}, "
+              f"out_dir {run.out_dir}")
     if not run.resume:                                      # refuse before any work, not at the third stage
         for st in names:
             stage_checkpoint(stage_config(given, st), os.path.join(run.out_dir, f"{st}.pt"))
@@ -770,8 +775,8 @@ def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int,
         train_distill(staged("distill"), nets["distill"], rank, world, device)
     if rank == 0 and run.stage == "all":
         where = os.path.join(run.out_dir, "")
-        print(f"total: {(time.time() - t_start) / 60:.1f} min (per stage: {where}times.json; held-out numbers: "
-              f"{where}eval.json)")
+        print(f"total: {(time.time() - t_start) / 60:.1f} min (per stage: {where}times.json; held-out "
+              f"numbers: {where}eval.json)")
     if run.stage in ("lora", "adapter"):                        # 5.4 plugins, on the frozen base
         train_plugin(staged(run.stage), nets["plugin"], rank, world, device)
 
