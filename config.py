@@ -173,7 +173,25 @@ class Log:
     def __init__(self, out_dir: str, stage: str, steps: int, start: int, rank: int):
         self.rank, self.stage = rank, stage
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if rank == 0 and os.path.isfile(self.path):
+            self.drop_rows_after(start)
         self.bar = tqdm(total=steps, initial=start, desc=stage, disable=rank != 0, dynamic_ncols=True)
+
+    def drop_rows_after(self, start: int) -> None:
+        """This stage's rows past `start` (a resumed run redoes those steps; a fresh one, start 0, redoes all),
+        so that metrics.jsonl holds each step once. Other stages' rows are kept."""
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = [ln for ln in lines if not ln.strip() or not self._redone(ln, start)]
+        if len(keep) < len(lines):
+            write_text(self.path, "".join(keep))
+
+    def _redone(self, line: str, start: int) -> bool:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return row.get("stage") == self.stage and row.get("step", 0) > start
 
     def step(self, step: int, metrics: dict, write: bool):
         for k, v in metrics.items():                           # every step, logged or not: stop at the first NaN
@@ -239,10 +257,26 @@ def out_dir_lock(out_dir: str, rank: int):
                              f"it, give another --out_dir, or delete {path} if that run is gone") from None
     os.write(fd, me.encode())
     os.close(fd)
+    remove_stale_temp_files(out_dir)
     try:
         yield
     finally:
         os.remove(path)
+
+
+def remove_stale_temp_files(out_dir: str) -> list[str]:
+    """Delete the <file>.<pid>.tmp files that a process of this host killed mid-write left in out_dir (the run
+    holding the folder's lock owns it; a live process's temp file is kept). Returns the removed names."""
+    removed = []
+    for name in os.listdir(out_dir):
+        stem, _, ext = name.rpartition(".")
+        pid = stem.rpartition(".")[2]
+        if ext == "tmp" and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    if removed:
+        print(f"{out_dir}: removed {len(removed)} temp file(s) left by killed runs ({', '.join(removed[:3])})")
+    return removed
 
 
 def pid_alive(pid: int) -> bool:

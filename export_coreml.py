@@ -445,6 +445,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt and not args.preset:
         p.error("give --ckpt (a trained pipeline) or --preset (random weights)")
+    known = ("text_encoder", "unet", "decoder")
+    bad = [c for c in args.components.split(",") if c not in known]
+    if bad or not args.components:
+        p.error(f"--components {args.components!r}: unknown {', '.join(map(repr, bad)) or 'empty'}; expected a "
+                f"comma list of {', '.join(known)}")
+    for name in ("resolution", "unet_batch", "threads", "repeats", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} {value}: expected >= 1")
+    if args.resolution is not None and args.resolution % 8:
+        p.error(f"--resolution {args.resolution}: expected a multiple of 8 (the VAE's f = 8)")
     torch.set_num_threads(args.threads)
     unet, vae, text, info = load_pipeline(args.ckpt, args.preset, args.decoder)
     args.resolution = args.resolution or info["resolution"]

@@ -401,6 +401,10 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--n {args.n}: expected >= 1 image per prompt")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps {args.steps}: expected >= 1")
+    for name in ("guidance", "eta", "lora_scale", "adapter_scale", "strength"):   # nan / inf: black images
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            p.error(f"--{name} {value}: expected a finite number")
     if args.guidance is not None and args.guidance < 0:
         p.error(f"--guidance {args.guidance}: expected >= 0")
     if not 0 <= args.seed < 2 ** 32:

@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import math
 import os
 import random
 import time
@@ -674,6 +675,9 @@ CHOICES = {"stage": STAGES + ("all",), "dtype": DTYPES, "lr_schedule": ("cosine"
 def validate(cfg: TrainConfig) -> None:
     """Ranges argparse cannot express, each error naming the flag, the value and what is allowed; run on every
     stage's resolved config before any work starts."""
+    for f in dataclasses.fields(cfg):                      # --lr nan / inf would pass every range check
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"--{f.name} {getattr(cfg, f.name)}: expected a finite number")
     for name in ("steps", "batch_size", "lr"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected > 0 (leave it out for the stage's "

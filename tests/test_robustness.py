@@ -12,6 +12,7 @@ import torch
 
 import config
 import evaluate as ev
+import export_coreml
 import report
 import sample as S
 import train
@@ -142,6 +143,10 @@ def test_a_second_run_in_the_same_out_dir_is_refused_and_a_stale_lock_taken_over
     (["--seed", str(2 ** 40)], "--seed 1099511627776: expected 0 <= seed < 2^32"),
     (["--stage", "foo"], "argument --stage: invalid choice: 'foo'"),
     (["--preset", "huge"], "--preset 'huge': expected one of"),
+    (["--lr", "nan"], "--lr nan: expected a finite number"),
+    (["--guidance", "inf"], "--guidance inf: expected a finite number"),
+    (["--shuffle_buffer", "0"], "--shuffle_buffer 0: expected >= 1"),
+    (["--prompts", "/no/such/prompts.txt"], "--prompts /no/such/prompts.txt: no such file"),
 ])
 def test_train_flags_are_validated(argv, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -188,6 +193,11 @@ def test_non_image_inputs_are_named(tmp_path):
     (vae_lib.main, ["--presets", "foo"], "--presets 'foo': unknown 'foo'; expected names from"),
     (report.main, ["--plugins", "--onestep", "foo"], "--onestep 'foo': expected NAME=CKPT"),
     (report.main, ["--table5", "--steps", "0"], "--n 128 / --steps 0: expected >= 1"),
+    (export_coreml.main, ["--preset", "tiny", "--components", "bogus,unett"], "unknown 'bogus', 'unett'"),
+    (export_coreml.main, ["--preset", "tiny", "--resolution", "0"], "--resolution 0: expected >= 1"),
+    (export_coreml.main, ["--preset", "tiny", "--unet_batch", "0"], "--unet_batch 0: expected >= 1"),
+    (export_coreml.main, ["--preset", "tiny", "--threads", "0"], "--threads 0: expected >= 1"),
+    (export_coreml.main, ["--preset", "tiny", "--repeats", "0"], "--repeats 0: expected >= 1"),
 ])
 def test_other_entry_points_validate_their_flags(main, argv, named, capsys):
     with pytest.raises(SystemExit) as e:
@@ -206,3 +216,23 @@ def test_entry_points_turn_errors_into_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
         assert named in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_removes_temp_files_of_killed_writers_and_a_resume_logs_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = out / "vae.pt.999999999.tmp"                                # pid 999999999: no such process
+    dead.write_bytes(b"half a checkpoint")
+    alive = out / f"vae.pt.{os.getppid()}.tmp"                        # a live process's (our parent's): kept
+    alive.write_bytes(b"being written")
+    common = ["--stage", "vae", "--batch_size", "2", "--out_dir", str(out), "--sample_every", "0",
+              "--eval_images", "2", "--warmup", "1", "--log_every", "1", "--ckpt_every", "2"]
+    train.main([*common, "--steps", "3"])
+    assert not dead.exists() and alive.exists()
+    train.main([*common, "--steps", "4", "--resume", "true"])           # resumes at its step-3 checkpoint
+    rows = [r["step"] for r in strict_json_rows(out / "metrics.jsonl") if r["stage"] == "vae" and "loss" in r]
+    assert rows == [1, 2, 3, 4]
+    (out / "vae.pt").unlink()
+    train.main([*common, "--steps", "2", "--resume", "true"])           # no checkpoint: redone from step 0
+    rows = [r["step"] for r in strict_json_rows(out / "metrics.jsonl") if r["stage"] == "vae" and "loss" in r]
+    assert rows == [1, 2]
