@@ -787,8 +787,12 @@ def batches(dataset, batch_size: int, grad_accum: int, seed: int, rank: int, wor
     worker). A map-style dataset is read in StepBatches' order; a ShardStream in its own (seed, epoch) order.
     flip: each image of the global batch flipped left-right with probability 1/2, drawn from (seed, step)."""
     micro = batch_size // world // grad_accum
+    # The loader's own generator: creating its iterator draws a seed for the workers, and from the global RNG
+    # that draw would shift every random number the stage draws after it (the VAE's posterior samples) by
+    # where the stage started, so that a resumed run would not repeat the straight one.
     opts = dict(num_workers=num_workers, collate_fn=collate, pin_memory=device.startswith("cuda"),
-                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                generator=torch.Generator().manual_seed(seed))
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset.configure(seed, rank, world, start_step, micro, grad_accum)
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro, **opts)

@@ -192,7 +192,7 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
         if rank == 0 and done:
             # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
             images = torch.stack([x for x, _ in data.first_items(dataset, 256)]).to(device)
-            vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, images)
+            vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, images, cfg.seed)
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
             save_autoencoder(path, cfg, step + 1, model, vcfg, disc, opt, opt_d)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
@@ -369,7 +369,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     meter, t0, seen = Meter(world, device), time.time(), 0
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
-        _, t_all, eps_all, drop_all = diffusion_noise(cfg, step, latent_shape)   # the global batch's
+        t_all, eps_all, drop_all = diffusion_noise(cfg, step, latent_shape)   # the global batch's
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
             sl = micro_slice(cfg, rank, world, k)
@@ -600,7 +600,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
     meter, t0 = Meter(world, device), time.time()
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
-        _, t_all, eps_all, drop_all = diffusion_noise(cfg, step, latent_shape)
+        t_all, eps_all, drop_all = diffusion_noise(cfg, step, latent_shape)
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
             sl = micro_slice(cfg, rank, world, k)

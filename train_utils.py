@@ -150,13 +150,13 @@ def micro_slice(cfg, rank: int, world: int, k: int) -> slice:
 
 
 def diffusion_noise(cfg, step: int, latent_shape: tuple):
-    """(generator, t, eps, drop) for the *global* batch of a denoiser-training step: timesteps, noise and the
-    CFG caption dropout, each process taking its slice (micro_slice)."""
+    """(t, eps, drop) for the *global* batch of a denoiser-training step: timesteps, noise and the CFG caption
+    dropout, drawn in that order from step_generator; each process takes its slice (micro_slice)."""
     rng = step_generator(cfg, step)
     t = torch.randint(0, sample.T, (cfg.batch_size,), generator=rng)
     eps = torch.randn((cfg.batch_size, *latent_shape), generator=rng)
     drop = torch.rand(cfg.batch_size, generator=rng) < cfg.p_uncond
-    return rng, t, eps, drop
+    return t, eps, drop
 
 
 def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):

@@ -361,10 +361,13 @@ def encoder_fingerprint(vae: "VAE") -> str:
     return h.hexdigest()[:16]
 
 
-def estimate_scaling_factor(vae: VAE, images: torch.Tensor) -> float:
+@torch.no_grad()
+def estimate_scaling_factor(vae: VAE, images: torch.Tensor, seed: int = 0) -> float:
     """SD's recipe: 1 / std of the encoder's posterior samples on a batch of training images, so the
-    diffusion model sees latents of ~unit variance (SD 1.x got 0.18215 this way)."""
-    return float(1.0 / vae.encode(images).sample().flatten().std())
+    diffusion model sees latents of ~unit variance (SD 1.x got 0.18215 this way). The samples come from a
+    generator of their own: the training RNG, saved for --resume, is not touched."""
+    rng = torch.Generator(images.device).manual_seed(seed)
+    return float(1.0 / vae.encode(images).sample(rng).flatten().std())
 
 
 # ----------------------------------------------------------------------------------------------------
