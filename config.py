@@ -82,6 +82,20 @@ def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
     return dataclasses.replace(base, **given_flags(type(base), args, prefix))
 
 
+def read_diffusers_config(folder: str, sub: str, what: str) -> tuple[str, dict]:
+    """(the model's folder, its config.json) for a diffusers model folder, or a pipeline folder holding it as
+    `sub`/ (save_pretrained's layout); a missing or malformed config.json is an error naming the file."""
+    folder = os.path.join(folder, sub) if os.path.isdir(os.path.join(folder, sub)) else folder
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {what} folder)")
+    try:
+        with open(path) as f:
+            return folder, json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+
+
 def config_from_dict(cls, d: dict):
     """A config dataclass from its saved dict (lists back to tuples; fields a newer version dropped ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}

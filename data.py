@@ -611,6 +611,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             return mean.float(), text
         return decode_sample(parts, self.resolution, self.min_size)
 
+    def shuffled(self, samples, rng: random.Random):
+        """The shuffle buffer: each sample once, a random one of the buffer's out each time it is full, the rest
+        in a random order at the end."""
+        buffer = []
+        for parts in samples:
+            buffer.append(parts)
+            if len(buffer) < self.shuffle_buffer:
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
@@ -619,33 +633,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.micro
         counts, last, epoch = {"bad": 0, "small": 0}, None, 0
         while True:
+            produced = 0
             rng = random.Random(f"{self.seed}-{epoch}-{reader}")
-            buffer, produced = [], 0
-            for parts in self.raw(epoch, reader, readers, counts):
+            for parts in self.shuffled(self.raw(epoch, reader, readers, counts), rng):
                 produced += 1
-                buffer.append(parts)
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                out = buffer.pop()
-                if skip:
+                if skip:                                         # handed out before the resume: not decoded
                     skip -= 1
                     continue
-                last = self.item(out, last, counts)
+                last = self.item(parts, last, counts)
                 if last is not None:
                     yield last
             if produced == 0:
                 raise ValueError(f"data: reader {reader} of {readers} got no samples from {len(self.shards)} "
                                  f"shards (empty shards, or fewer samples than readers)")
-            rng.shuffle(buffer)
-            for out in buffer:
-                if skip:
-                    skip -= 1
-                    continue
-                last = self.item(out, last, counts)
-                if last is not None:
-                    yield last
             epoch += 1
 
     def item(self, parts, last, counts):

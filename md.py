@@ -501,16 +501,8 @@ class UNet(nn.Module):
         a UNetConfig (unet_config_from_diffusers), every weight loaded strictly through DIFFUSERS_UNET_KEYS
         (.safetensors, .bin or their fp16 variants)."""
         import vae as vae_lib                                     # its weights-file reader (vae imports md)
-        folder = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json (expected a diffusers UNet2DConditionModel folder)")
-        try:
-            with open(cfg_path) as f:
-                dc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not JSON ({e})") from None
-        model = cls(unet_config_from_diffusers(dc, cfg_path))
+        folder, dc = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
+        model = cls(unet_config_from_diffusers(dc, os.path.join(folder, "config.json")))
         own, state = model.state_dict(), {}
         for key, t in vae_lib.load_weights_file(folder).items():
             name = diffusers_unet_key(key)

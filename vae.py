@@ -24,7 +24,6 @@ Run it:
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import statistics
@@ -277,16 +276,8 @@ class VAE(nn.Module):
     def from_diffusers(cls, folder: str) -> "VAE":
         """Load an AutoencoderKL saved by diffusers: `folder` holds (or has a `vae/` subfolder holding)
         config.json and diffusion_pytorch_model.safetensors (or .bin)."""
-        sub = os.path.join(folder, "vae")
-        folder = sub if os.path.isdir(sub) else folder
+        folder, dc = config.read_diffusers_config(folder, "vae", "AutoencoderKL")
         cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json (expected a diffusers AutoencoderKL folder)")
-        try:
-            with open(cfg_path) as f:
-                dc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not JSON ({e})") from None
         if not dc.get("block_out_channels"):
             raise ValueError(f"{cfg_path}: no block_out_channels; not an AutoencoderKL config")
         cfg = VAEConfig(in_channels=dc.get("in_channels", 3), latent_channels=dc.get("latent_channels", 4),
