@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 from contextlib import contextmanager
@@ -112,11 +113,30 @@ class Diverged(FloatingPointError):
 
 
 def diverged(stage: str, out_dir: str, what: str, value, step: int) -> Diverged:
+    """The error that stops a stage, naming the checkpoints it leaves: the last one written (finite, but written
+    while the loss may already have been rising) and, when there is one, the one before it (previous_path)."""
     path = os.path.join(out_dir, f"{stage}.pt")
-    kept = (f"the last good checkpoint {path} is kept as it was" if os.path.isfile(path) else
-            "no checkpoint of this stage was written")
+    kept = (f"the last good checkpoint {path} is kept as it was (step {checkpoint_step(path)})"
+            if os.path.isfile(path) else "no checkpoint of this stage was written")
+    prev = previous_path(path)
+    if os.path.isfile(prev):
+        kept += f", and the one before it, {prev} (step {checkpoint_step(prev)})"
     return Diverged(f"{stage}: non-finite {what} ({value}) at step {step}; stopped before using it, {kept}. "
                     f"Lower --lr, or check the data")
+
+
+def previous_path(path: str) -> str:
+    """Where save_checkpoint(keep_previous=True) keeps the checkpoint it replaced: stage.pt -> stage.prev.pt."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def checkpoint_step(path: str):
+    """The step a checkpoint was written at ('?' if it cannot be read)."""
+    try:
+        return load_checkpoint(path).get("step", "?")
+    except (ValueError, FileNotFoundError):
+        return "?"
 
 
 def non_finite(obj, key: str = "") -> str | None:
@@ -131,21 +151,31 @@ def non_finite(obj, key: str = "") -> str | None:
     return None
 
 
-def save_checkpoint(path: str, payload: dict) -> None:
+def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> None:
     """Atomic: write to a temporary file of this process, then rename over the old one, so a crash mid-write
     (or a second run writing the same path) never leaves a half-written checkpoint in place of the last good
-    one. Refuses a payload with non-finite weights: the old file is kept."""
+    one. Refuses a payload with non-finite weights: the old file is kept. keep_previous (the training stages):
+    the file it replaces becomes previous_path(path), so that the checkpoint from before a divergence, or from
+    before an --overwrite run's first save, is still on disk (a hard link: no copy, and no moment without
+    `path`)."""
     bad = non_finite(payload)
     if bad is not None:
         raise Diverged(f"{path}: not written, {bad} holds NaN/inf values; the previous file (if any) is kept")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp, prev_tmp = f"{path}.{os.getpid()}.tmp", f"{previous_path(path)}.{os.getpid()}.tmp"
     try:
         torch.save(payload, tmp)
+        if keep_previous and os.path.isfile(path):
+            try:
+                os.link(path, prev_tmp)
+            except OSError:                                      # a filesystem without hard links
+                shutil.copy2(path, prev_tmp)
+            os.replace(prev_tmp, previous_path(path))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for t in (tmp, prev_tmp):
+            if os.path.exists(t):
+                os.remove(t)
 
 
 def load_checkpoint(path: str) -> dict:

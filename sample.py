@@ -207,8 +207,17 @@ def load_vae(path: str) -> vae_lib.VAE:
     if "vae" not in ck.get("config", {}):
         raise ValueError(f"{path}: not a VAE checkpoint (no config['vae']); it was written by stage {ck.get('stage')!r}")
     model = vae_lib.VAE(config.config_from_dict(vae_lib.VAEConfig, ck["config"]["vae"]))
-    model.load_state_dict(ck["model"], source=path)
+    model.load_state_dict(finite_weights(ck["model"], path, "model"), source=path)
     return model.eval()
+
+
+def finite_weights(state: dict, path: str, key: str) -> dict:
+    """A checkpoint's weights, refused if any is NaN or inf (they would sample black images without a word)."""
+    bad = config.non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{path}: weight {key}.{bad} holds NaN/inf values; not a usable checkpoint (an earlier "
+                         f"one, e.g. {config.previous_path(path)}, may be)")
+    return state
 
 
 class Denoiser(torch.nn.Module):
@@ -252,9 +261,10 @@ def load_diffusion(path: str, ema: bool = True):
     vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
     model = Denoiser(md.UNet(unet_cfg), text)
-    load_denoiser_state(model, ck["ema" if ema else "model"], path)
+    key = "ema" if ema else "model"
+    load_denoiser_state(model, finite_weights(ck[key], path, key), path)
     vae = vae_lib.VAE(vcfg)
-    vae.load_state_dict(ck["vae"], source=path)
+    vae.load_state_dict(finite_weights(ck["vae"], path, "vae"), source=path)
     return model.unet.eval(), vae.eval(), model.text.eval(), conf
 
 

@@ -351,15 +351,16 @@ def resume_autoencoder(cfg, path: str, vcfg, model, disc, opt, opt_d, rank: int)
 
 def save_autoencoder(path: str, cfg, step: int, model, vcfg, disc, opt, opt_d) -> None:
     """vae.pt / decoder.pt: what sample.load_vae reads (model, config['vae']) and what --resume needs."""
-    save_checkpoint(path, {"stage": cfg.stage, "step": step, "model": model.state_dict(), "disc": disc.state_dict(),
-                           "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                           "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
+    save_checkpoint(path, keep_previous=True, payload={
+        "stage": cfg.stage, "step": step, "model": model.state_dict(), "disc": disc.state_dict(),
+        "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
 
 
 def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae) -> None:
     """diffusion.pt: the Denoiser and its EMA (without a text encoder read from a folder), the frozen VAE, the
     configs (what sample.load_diffusion reads) and the optimiser and RNG for --resume."""
-    save_checkpoint(path, {
+    save_checkpoint(path, keep_previous=True, payload={
         "stage": cfg.stage, "step": step, "model": sample.trainable_state(model), "ema": sample.trainable_state(ema),
         "opt": opt.state_dict(), "vae": vae.state_dict(), "rng": {"torch": torch.get_rng_state()},
         "config": {"unet": dataclasses.asdict(model.unet.cfg), "text": dataclasses.asdict(model.text.cfg),
@@ -373,7 +374,7 @@ def save_generator(path: str, cfg, step: int, gen, gen_ema, text, vae, base_conf
     stage_conf: the stage's own config by name ({"ufogen": ...} or {"distill": ...})."""
     def merged(m):
         return sample.trainable_state(sample.Denoiser(plugins.merge_lora(copy.deepcopy(m)), text))
-    save_checkpoint(path, {
+    save_checkpoint(path, keep_previous=True, payload={
         "stage": cfg.stage, "step": step, "model": merged(gen), "ema": merged(gen_ema), "vae": vae.state_dict(),
         **{k: v.state_dict() for k, v in raw.items()},
         "lora": plugins.lora_state_dict(gen),

@@ -236,3 +236,24 @@ def test_a_run_removes_temp_files_of_killed_writers_and_a_resume_logs_each_step_
     train.main([*common, "--steps", "2", "--resume", "true"])           # no checkpoint: redone from step 0
     rows = [r["step"] for r in strict_json_rows(out / "metrics.jsonl") if r["stage"] == "vae" and "loss" in r]
     assert rows == [1, 2]
+
+
+def test_the_checkpoint_before_the_last_is_kept_and_named_and_nan_weights_are_refused_at_load(tmp_path):
+    out = tmp_path / "run"
+    common = ["--stage", "vae", "--batch_size", "2", "--out_dir", str(out), "--sample_every", "0",
+              "--eval_images", "2", "--warmup", "1", "--log_every", "1", "--ckpt_every", "1"]
+    train.main([*common, "--steps", "3"])
+    assert config.load_checkpoint(str(out / "vae.pt"))["step"] == 3
+    assert config.load_checkpoint(str(out / "vae.prev.pt"))["step"] == 2        # the one it replaced
+    msg = str(config.diverged("vae", str(out), "loss", float("nan"), 4))
+    assert f"{out / 'vae.pt'} is kept as it was (step 3)" in msg
+    assert f"the one before it, {out / 'vae.prev.pt'} (step 2)" in msg
+    ck = config.load_checkpoint(str(out / "vae.pt"))
+    state = {k: v.clone() for k, v in ck["model"].items()}
+    state["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+    torch.save({**ck, "model": state}, out / "nan.pt")                   # written around save_checkpoint's guard
+    with pytest.raises(ValueError, match=r"nan.pt: weight model.decoder.conv_out.weight holds NaN/inf"):
+        S.load_vae(str(out / "nan.pt"))
+    before = (out / "vae.pt").read_bytes()                               # --overwrite keeps the old good one
+    train.main([*common, "--steps", "1", "--overwrite", "true"])
+    assert (out / "vae.prev.pt").read_bytes() == before
