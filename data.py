@@ -287,12 +287,14 @@ def draft(im: Image.Image, resolution: int) -> Image.Image:
     return im
 
 
-def load_image(path: str, resolution: int, min_size: int = 0) -> torch.Tensor:
-    """An image file as (3, R, R) in [-1, 1] (to_rgb, resize_crop). An image whose shorter side is below min_size
-    raises TooSmall (ImageFolder counts those apart from unreadable files)."""
+def load_image(path, resolution: int, min_size: int = 0) -> torch.Tensor:
+    """An image file (a path, or a file object: a shard member's bytes) as (3, R, R) in [-1, 1] (to_rgb,
+    resize_crop). An image whose shorter side is below min_size raises TooSmall (counted apart from unreadable
+    files)."""
     with Image.open(path) as im:
         if min(im.size) < min_size:
-            raise TooSmall(f"{path}: {im.width}x{im.height}, shorter side below --min_size {min_size}")
+            where = f"{path}: " if isinstance(path, str) else ""
+            raise TooSmall(f"{where}{im.width}x{im.height}, shorter side below --min_size {min_size}")
         return resize_crop(to_rgb(draft(im, resolution)), resolution)
 
 
@@ -485,9 +487,9 @@ def shard_paths(spec: str) -> list[str] | None:
     holding .tar files (or the encode stage's latent shards, listed in its latents.json), or a .txt file
     listing shards (one per line, relative to the list's folder). Every listed shard must exist."""
     if os.path.isdir(spec):
-        manifest = os.path.join(spec, LATENTS_MANIFEST)
-        if os.path.isfile(manifest):
-            return [os.path.join(spec, n) for n in read_manifest(manifest)["shards"]]
+        man = latents_manifest(spec)
+        if man is not None:
+            return [os.path.join(spec, n) for n in man["shards"]]
         return [os.path.join(spec, n) for n in sorted(os.listdir(spec)) if n.endswith(".tar")] or None
     if spec.endswith(".txt") and os.path.isfile(spec):
         base = os.path.dirname(spec)
@@ -552,10 +554,7 @@ def decode_sample(parts: dict, resolution: int, min_size: int = 0):
     ext = next((e for e in SHARD_IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise ValueError(f"no image member (expected one of {', '.join(SHARD_IMAGE_EXTS)}; got {sorted(parts)})")
-    with Image.open(io.BytesIO(parts[ext])) as im:
-        if min(im.size) < min_size:
-            raise TooSmall(f"{im.width}x{im.height}, shorter side below --min_size {min_size}")
-        image = resize_crop(to_rgb(draft(im, resolution)), resolution)
+    image = load_image(io.BytesIO(parts[ext]), resolution, min_size)
     if "txt" in parts:
         text = parts["txt"].decode("utf-8").strip()
     else:

@@ -328,7 +328,7 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
         held_out = {"images": images, "captions": [c for _, c in items]}
         config.save_checkpoint(os.path.join(out, "heldout.pt"), held_out)
         shards = [f"{name}.pt" for name, _ in chunks if os.path.isfile(os.path.join(out, f"{name}.pt"))]
-        count = sum(len(torch.load(os.path.join(out, s), weights_only=True)["captions"]) for s in shards)
+        count = sum(len(config.load_checkpoint(os.path.join(out, s))["captions"]) for s in shards)  # mmap'd
         config.write_json(os.path.join(out, data.LATENTS_MANIFEST), {
             "shards": shards, "count": count, "resolution": cfg.resolution,
             "vae": vae_lib.encoder_fingerprint(vae), "latent_channels": vae.cfg.latent_channels,
