@@ -79,7 +79,7 @@ def diffusion_step_seconds(unet, text_cfg, vae, resolution: int, batch: int, cac
                 z0 = vae.encode(images).mode() * vae.cfg.scaling_factor
         t = torch.randint(0, sample.T, (batch,))
         eps = torch.randn_like(z0)
-        loss = sample.v_loss(sched, unet(sample.q_sample(sched, z0, t, eps), t, ctx), z0, t, eps, 5.0)
+        loss = sample.diffusion_loss(sched, unet(sample.q_sample(sched, z0, t, eps), t, ctx), z0, t, eps, 5.0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -83,18 +83,21 @@ def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
     return dataclasses.replace(base, **given_flags(type(base), args, prefix))
 
 
-def read_diffusers_config(folder: str, sub: str, what: str) -> tuple[str, dict]:
+def read_diffusers_config(folder: str, sub: str, what: str, name: str = "config.json") -> tuple[str, dict]:
     """(the model's folder, its config.json) for a diffusers model folder, or a pipeline folder holding it as
-    `sub`/ (save_pretrained's layout); a missing or malformed config.json is an error naming the file."""
+    `sub`/ (save_pretrained's layout); a missing or malformed config file is an error naming the file."""
     folder = os.path.join(folder, sub) if os.path.isdir(os.path.join(folder, sub)) else folder
-    path = os.path.join(folder, "config.json")
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {what} folder)")
+        raise FileNotFoundError(f"{path}: no {name} (expected a diffusers {what} folder)")
     try:
         with open(path) as f:
-            return folder, json.load(f)
-    except json.JSONDecodeError as e:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return folder, d
 
 
 def config_from_dict(cls, d: dict):

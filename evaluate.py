@@ -219,7 +219,7 @@ def throughput_report(cfg, steps: int, seconds: float, flops_per_image: float, d
     peak = matmul_peak(device)
     res = {"steps": steps, "minutes": seconds / 60, "images_per_s": ips, "gflop_per_s": gflops,
            "peak_gflop_per_s": peak, "peak_fraction": gflops / peak}
-    print(f"{cfg.stage}: {steps} steps in {seconds / 60:.1f} min, {ips:.0f} images/s, ~{gflops:.0f} GFLOP/s = "
+    print(f"{cfg.stage}: {steps} steps in {seconds / 60:.1f} min, {ips:.3g} images/s, ~{gflops:.0f} GFLOP/s = "
           f"{100 * gflops / peak:.0f}% of this machine's {peak:.0f} GFLOP/s matmul peak")
     path = os.path.join(cfg.out_dir, "times.json")
     obj = json.load(open(path)) if os.path.isfile(path) else {}
@@ -368,10 +368,16 @@ def read_prompts(path: str) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
+    """The sha256 of a checkpoint file, or of a diffusers folder's files (relative names and contents, sorted)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    for name in files:
+        if name != path:
+            h.update(os.path.relpath(name, path).encode())
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -507,9 +513,9 @@ def evaluate_cli(args, guidance: float | None = None, setup: dict | None = None)
     kw = {**sample.SAMPLING[args.sampler], **({} if guidance is None else {"guidance_scale": guidance})}
     name = f"eval_{args.sampler}" + ("" if guidance is None else f"_cfg{guidance:g}")
     if guidance is None:                                          # one folder: --out_dir itself
-        folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt), name)
+        folder = args.out_dir or os.path.join(os.path.dirname(args.ckpt.rstrip("/")), name)
     else:                                                         # a sweep: one folder per scale under --out_dir
-        folder = os.path.join(args.out_dir or os.path.dirname(args.ckpt), name)
+        folder = os.path.join(args.out_dir or os.path.dirname(args.ckpt.rstrip("/")), name)
     t0 = time.perf_counter()
     fp = run_fingerprint(setup["ckpt_sha256"], prompts, args.batch, args.seed, kw)
     paths = generate(pipe, prompts, folder, args.batch, args.seed, fingerprint=fp, overwrite=args.overwrite, **kw)
@@ -584,7 +590,7 @@ def guidance_sweep(args, scales: list[float]) -> list[dict]:
     next to the per-scale image folders (<out_dir or ckpt dir>/eval_<sampler>_cfg<s>/)."""
     setup = eval_setup(args)
     rows = [evaluate_cli(args, guidance=g, setup=setup) for g in scales]
-    out = args.out_dir or os.path.dirname(args.ckpt)
+    out = args.out_dir or os.path.dirname(args.ckpt.rstrip("/"))
     stem = os.path.join(out, f"guidance_{args.sampler}")
     config.write_json(stem + ".json", {"ckpt": args.ckpt, "sampler": args.sampler, "rows": rows})
     xn, _, yn, _ = sweep_axes(rows[0])
@@ -606,7 +612,8 @@ def guidance_sweep(args, scales: list[float]) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, and "
                                             "5.2's sweep over guidance scales (the paper's tables: report.py)")
-    p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt)")
+    p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt) or a diffusers "
+                                  "SD-1.x folder (outputs go beside it unless --out_dir)")
     p.add_argument("--sampler", default="ddim50", choices=sorted(sample.SAMPLING))
     p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")
     p.add_argument("--ref_dir", help="real images for FID / pixel Frechet")
@@ -628,8 +635,8 @@ def main(argv=None):
         p.error(f"--seed {args.seed}: expected 0 <= seed < 2^32")
     if not args.ckpt:
         p.error("give --ckpt")
-    if not os.path.isfile(args.ckpt):
-        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file")
+    if not os.path.isfile(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "model_index.json")):
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file (a train.py checkpoint or a diffusers pipeline folder)")
     if args.guidance:
         return guidance_sweep(args, parse_scales(args.guidance))
     return evaluate_cli(args)

@@ -11,7 +11,8 @@ fp16-safe activations, weight quantisation, components exported and loaded one a
 Each component is exported on its own, with fixed shapes and named inputs/outputs, as ml-stable-diffusion does:
     text_encoder   input_ids (1, 77) int32                              -> last_hidden_state (1, 77, D)
     unet           sample (B, c, h, w), timestep (B,) float32,
-                   encoder_hidden_states (B, 77, D)                     -> v_pred (B, c, h, w)   [v-prediction]
+                   encoder_hidden_states (B, 77, D)                     -> v_pred (B, c, h, w)   [v-prediction;
+                                                                           eps for SD-1.5 folders: manifest.json]
     decoder        z (1, c, h, w), the sampler's (scaled) latent        -> image (1, 3, H, W) in [-1, 1]
 B = 1 for one-step / distilled models, --unet_batch 2 for a classifier-free-guided sampler (cond + uncond).
 The decoder divides by the VAE scaling factor itself; the light decoder (3.5) is used when present.
@@ -43,6 +44,7 @@ import torch.nn as nn
 
 import config
 import md
+import pretrained
 import sample
 import vae as vae_lib
 from config import need                          # optional packages: a message naming them, not a traceback
@@ -159,12 +161,14 @@ def untrained_like_trained(model: nn.Module) -> nn.Module:
 
 
 def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
-    """(unet, vae, text encoder, info) from a checkpoint written by train.py, or random weights of a preset."""
+    """(unet, vae, text encoder, info) from a checkpoint written by train.py or a diffusers SD folder, or random
+    weights of a preset. info["schedule"]: the sampling schedule the app must run (sample.ScheduleConfig)."""
     if ckpt:
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py)")
+        if not os.path.isfile(ckpt) and not pretrained.is_pipeline_folder(ckpt):
+            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py, "
+                                    f"or a diffusers pipeline folder with model_index.json)")
         unet, vae, text, conf = sample.load_diffusion(ckpt)
-        light = decoder or os.path.join(os.path.dirname(ckpt), "decoder.pt")
+        light = decoder or os.path.join(os.path.dirname(ckpt.rstrip("/")), "decoder.pt")
         if os.path.isfile(light):                                  # 3.5: the distilled light decoder
             vae_light = sample.load_vae(light)
             vae_light.cfg = dataclasses.replace(vae_light.cfg, scaling_factor=vae.cfg.scaling_factor)
@@ -172,7 +176,8 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
         elif decoder:
             raise FileNotFoundError(f"--decoder {decoder}: no such file")
         return unet, vae, text, {"source": ckpt, "decoder": light if os.path.isfile(light) else "full VAE decoder",
-                                 "resolution": conf["train"].get("resolution", 512)}
+                                 "resolution": conf["train"].get("resolution", 512),
+                                 "schedule": sample.schedule_config(conf)}
     if preset not in md.PRESETS:
         raise ValueError(f"--preset {preset!r}: unknown; choose from {sorted(md.PRESETS)}")
     torch.manual_seed(0)
@@ -185,7 +190,8 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     tcfg = dataclasses.replace(tcfg, tokenizer="bytes" if tcfg.tokenizer == "clip" else tcfg.tokenizer, width=unet_cfg.context_dim)
     unet, vae, text = (untrained_like_trained(m.eval()) for m in (md.UNet(unet_cfg), vae_lib.VAE(vcfg), md.TextEncoder(tcfg)))
     return unet, vae, text, \
-        {"source": f"random weights, preset {preset}", "decoder": vname, "resolution": 512}
+        {"source": f"random weights, preset {preset}", "decoder": vname, "resolution": 512,
+         "schedule": sample.ScheduleConfig()}
 
 
 def components(unet, vae, text, resolution: int, unet_batch: int = 1) -> list[Component]:
@@ -406,15 +412,21 @@ def write_manifest(out_dir: str, comps: list[Component], text, vae, info: dict, 
            "eos_id": text.cfg.eos_id, "pad_id": text.cfg.pad_id}
     if text.cfg.tokenizer == "words":                               # md.Tokenizer's rule, for an app to re-implement
         tok["words"] = {"split": md.WORD_PATTERN.pattern, "lowercase": True, "id": f"crc32(utf-8 word) mod {text.cfg.bos_id}"}
-    if text.cfg.tokenizer == "clip" and text.source:               # ship CLIP's BPE files next to the models
-        src = next(d for d in (text.source, os.path.join(os.path.dirname(text.source.rstrip("/")), "tokenizer"))
-                   if os.path.isfile(os.path.join(d, "vocab.json")))
-        os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(src, f), os.path.join(out_dir, "tokenizer", f))
+    if text.cfg.tokenizer == "clip":                               # ship CLIP's BPE files next to the models
+        os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)   # (as vocab.json + merges.txt, whichever
+        bpe = text.tokenizer                                             # form the source folder held)
+        config.write_json(os.path.join(out_dir, "tokenizer", "vocab.json"), bpe.encoder)
+        merges = sorted(bpe.ranks, key=bpe.ranks.get)
+        config.write_text(os.path.join(out_dir, "tokenizer", "merges.txt"),
+                          "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         tok["files"] = ["tokenizer/vocab.json", "tokenizer/merges.txt"]
-    manifest = {"source": info["source"], "decoder": info["decoder"], "prediction": "v",
-                "latent_scaling_factor": vae.cfg.scaling_factor, "tokenizer": tok, "files": files,
+    sched = info["schedule"]
+    # The app's sampler needs the schedule (abar_t per timestep, as the training code makes it), what the UNet
+    # predicts and which timesteps to visit (sample.timesteps): all of it is here.
+    schedule = {**dataclasses.asdict(sched), "alphas_cumprod": [round(float(a), 9) for a in
+                                                                sample.make_schedule(sched)["alphas_cumprod"]]}
+    manifest = {"source": info["source"], "decoder": info["decoder"], "prediction": sched.prediction,
+                "schedule": schedule, "latent_scaling_factor": vae.cfg.scaling_factor, "tokenizer": tok, "files": files,
                 "components": {c.name: {"inputs": {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
                                                    for k, v in c.inputs.items()}, "output": c.output} for c in comps}}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
@@ -424,7 +436,8 @@ def write_manifest(out_dir: str, comps: list[Component], text, vae, info: dict, 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export MobileDiffusion components to Core ML / LiteRT and time them (Table 4)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="a diffusion.pt / ufogen.pt / distill.pt written by train.py")
+    src.add_argument("--ckpt", help="a diffusion.pt / ufogen.pt / distill.pt written by train.py, or a diffusers "
+                                    "Stable Diffusion 1.x folder")
     src.add_argument("--preset", help=f"random weights of a UNet preset: {sorted(md.PRESETS)}")
     p.add_argument("--decoder", help="a light decoder.pt (default: decoder.pt next to --ckpt, if any)")
     p.add_argument("--out", default="export", help="output folder")

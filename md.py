@@ -104,7 +104,7 @@ PRESETS = {
                      down_layers=(2, 2, 2, 2), down_depth=(1, 1, 1, 0), up_depth=(1, 1, 1, 0),
                      self_attn=(True, True, True, False), cross_attn=(True, True, True, False),
                      mid_block=True, heads=8, attn_norm_eps=1e-6, shared_kv=False, attn_act="softmax",
-                     ff_act="gelu", ff_mult=4),                 # = UNet.from_diffusers of SD-1.5's config.json
+                     ff_act="gelu", ff_mult=4),                 # = pretrained.load_unet of SD-1.5's config.json
     # The MD topology, narrow: a few million params, trains on a 2-core CPU at 32px (an 8x8 latent, f = 4).
     # Softmax attention because the tiny run trains from scratch; 3.2 finetunes into relu afterwards.
     # pooled_text: with cross-attention alone a run of minutes does not learn the shape's colour; adding the
@@ -494,98 +494,6 @@ class UNet(nn.Module):
         """(C_i, H/2^i, W/2^i) of each level's encoder features for a latent x: what an adapter must produce."""
         return [(c, x.shape[-2] >> i, x.shape[-1] >> i) for i, c in enumerate(self.cfg.channels)]
 
-    # --- loading a diffusers UNet2DConditionModel (Stable Diffusion 1.x's layout) ------------------------
-    @classmethod
-    def from_diffusers(cls, folder: str) -> "UNet":
-        """A diffusers `save_pretrained` UNet folder (or a pipeline folder holding unet/): config.json read into
-        a UNetConfig (unet_config_from_diffusers), every weight loaded strictly through DIFFUSERS_UNET_KEYS
-        (.safetensors, .bin or their fp16 variants)."""
-        import vae as vae_lib                                     # its weights-file reader (vae imports md)
-        folder, dc = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
-        model = cls(unet_config_from_diffusers(dc, os.path.join(folder, "config.json")))
-        own, state = model.state_dict(), {}
-        for key, t in vae_lib.load_weights_file(folder).items():
-            name = diffusers_unet_key(key)
-            if name in own and t.ndim == 4 and own[name].ndim == 2:   # proj_in/out as 1x1 convs (SD-1.x)
-                t = t[:, :, 0, 0]
-            state[name] = t
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{folder}: the weights do not fit the UNet its config.json describes: missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
-        model.load_state_dict(state)
-        return model
-
-
-# diffusers' UNet2DConditionModel names -> ours, applied in order (minGPT's from_pretrained lists its renames).
-DIFFUSERS_UNET_KEYS = [
-    (r"^time_embedding\.linear_1\.", "time_mlp.0."), (r"^time_embedding\.linear_2\.", "time_mlp.2."),
-    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"downsample.\1."),
-    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"upsample.\1."),
-    (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.\2.conv."),
-    (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.", r"down.\1.\2.attn."),
-    (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.", r"up.\1.\2.conv."),
-    (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", r"up.\1.\2.attn."),
-    (r"^mid_block\.resnets\.0\.", "mid.0.conv."), (r"^mid_block\.attentions\.0\.", "mid.0.attn."),
-    (r"^mid_block\.resnets\.1\.", "mid.1.conv."),
-    (r"\.time_emb_proj\.", ".time."), (r"\.conv_shortcut\.", ".skip."),
-    (r"\.transformer_blocks\.(\d+)\.", r".layers.\1."),
-    (r"(layers\.\d+)\.norm1\.", r"\1.norm_sa."), (r"(layers\.\d+)\.norm2\.", r"\1.norm_ca."),
-    (r"(layers\.\d+)\.norm3\.", r"\1.norm_ff."),
-    (r"\.attn1\.", ".sa."), (r"\.attn2\.", ".ca."), (r"\.to_out\.0\.", ".to_out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."), (r"\.ff\.net\.2\.", ".ff.proj_out."),
-    (r"^conv_norm_out\.", "norm_out."),
-]
-
-
-def diffusers_unet_key(key: str) -> str:
-    for pattern, new in DIFFUSERS_UNET_KEYS:
-        key = re.sub(pattern, new, key)
-    return key
-
-
-def unet_config_from_diffusers(dc: dict, where: str) -> UNetConfig:
-    """A diffusers UNet2DConditionModel config as a UNetConfig: SD-1.x's layout (cross-attention down/up blocks
-    and plain ones, an optional cross-attention mid block, additive time embedding). Anything else (SDXL's added
-    conditioning, a class embedding, other block types ...) is refused, naming the field."""
-    def refuse(field, why):
-        raise ValueError(f"{where}: {field} = {dc.get(field)!r}: {why}; this UNet implements SD-1.x's layout")
-    known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-    down, up = dc.get("down_block_types", ()), dc.get("up_block_types", ())
-    if not down or any(b not in known for b in down):
-        refuse("down_block_types", "expected CrossAttnDownBlock2D / DownBlock2D only")
-    if list(up) != [b.replace("Down", "Up") for b in reversed(down)]:
-        refuse("up_block_types", "expected the down blocks' mirror (CrossAttnUpBlock2D / UpBlock2D)")
-    for field, ok in (("addition_embed_type", None), ("class_embed_type", None), ("encoder_hid_dim", None),
-                      ("time_cond_proj_dim", None), ("num_class_embeds", None), ("dual_cross_attention", False),
-                      ("only_cross_attention", False), ("center_input_sample", False), ("flip_sin_to_cos", True),
-                      ("freq_shift", 0), ("act_fn", "silu"), ("time_embedding_type", "positional"),
-                      ("resnet_time_scale_shift", "default"), ("conv_in_kernel", 3), ("conv_out_kernel", 3),
-                      ("norm_eps", 1e-5), ("attention_type", "default")):
-        if dc.get(field, ok) not in (ok, [ok]):
-            refuse(field, f"only {ok!r} is supported")
-    if dc.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in ("UNetMidBlock2DCrossAttn", None):
-        refuse("mid_block_type", "expected UNetMidBlock2DCrossAttn or none")
-    n, per = len(down), lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(down)
-    # diffusers' legacy naming: without num_attention_heads, "attention_head_dim" is the number of heads
-    heads = set(per(dc.get("num_attention_heads") or dc.get("attention_head_dim", 8)))
-    if len(heads) != 1:
-        refuse("attention_head_dim", "one head count at every level is supported")
-    depth = per(dc.get("transformer_layers_per_block", 1))
-    if dc.get("in_channels", 4) != dc.get("out_channels", 4):
-        refuse("out_channels", f"differs from in_channels = {dc.get('in_channels')}")
-    attn = tuple(known[b] for b in down)
-    return UNetConfig(
-        in_channels=dc.get("in_channels", 4), context_dim=dc.get("cross_attention_dim", 768),
-        channels=tuple(dc["block_out_channels"]), conv_type=("full",) * n, down_layers=per(dc.get("layers_per_block", 2)),
-        down_depth=tuple(d if a else 0 for d, a in zip(depth, attn)),
-        up_depth=tuple(d if a else 0 for d, a in zip(depth, attn)), self_attn=attn, cross_attn=attn,
-        mid_block=dc.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None, mid_depth=depth[-1] or 1,
-        heads=heads.pop(), attn_norm_eps=1e-6, shared_kv=False, attn_act="softmax", ff_act="gelu", ff_mult=4,
-        norm_groups=dc.get("norm_num_groups", 32))
-
 
 # ----------------------------------------------------------------------------------------------------
 # 3 (intro) The text encoder: "We employ the CLIP-ViT/L14 as the text encoder"
@@ -645,19 +553,16 @@ class Tokenizer:
     cfg.tokenizer == "words": CLIP's lower-cased word split, each word's id its CRC-32 mod bos_id (the buckets
     below the special ids). Two words may share a bucket; the tiny captions' 15 words do not (a test checks)."""
 
-    def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
+    def __init__(self, cfg: TextConfig, bpe: tuple[dict, list] | None = None):
         self.cfg, self.warned = cfg, False
         if cfg.tokenizer in ("bytes", "words"):
             return
         if cfg.tokenizer != "clip":
             raise ValueError(f"TextConfig.tokenizer = {cfg.tokenizer!r}: expected 'clip', 'bytes' or 'words'")
-        if not (vocab_path and merges_path):
-            raise ValueError("TextConfig.tokenizer = 'clip' needs vocab.json and merges.txt (a local CLIP folder)")
-        with open(vocab_path) as f:
-            self.encoder = json.load(f)
-        with open(merges_path) as f:
-            lines = f.read().split("\n")
-        merges = [tuple(l.split()) for l in lines[1:] if len(l.split()) == 2]   # line 0 is a version header
+        if bpe is None:
+            raise ValueError("TextConfig.tokenizer = 'clip' needs CLIP's vocabulary and merges (read_bpe of a local "
+                             "CLIP tokenizer folder)")
+        self.encoder, merges = bpe                                # token -> id, [(a, b), ...] by rank
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.byte_encoder = _bytes_to_unicode()
         self.cache = {}
@@ -742,15 +647,40 @@ class CLIPLayer(nn.Module):
         return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h))
 
 
-def special_ids(tokenizer_folder: str) -> tuple[int, int, int]:
+def has_bpe_files(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def read_bpe(tokenizer_folder: str) -> tuple[dict, list]:
+    """CLIP's (vocabulary, merges) from a tokenizer folder: vocab.json + merges.txt (what the hub's SD-1.5 and
+    CLIP folders hold), else tokenizer.json, the only file transformers 5's save_pretrained writes (its
+    model.vocab and model.merges, the same BPE)."""
+    vocab_path, merges_path = (os.path.join(tokenizer_folder, f) for f in ("vocab.json", "merges.txt"))
+    try:
+        if os.path.isfile(vocab_path):
+            with open(vocab_path, encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(merges_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+            return vocab, [tuple(l.split()) for l in lines[1:] if len(l.split()) == 2]   # line 0: a version header
+        path = os.path.join(tokenizer_folder, "tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f)["model"]
+        return model["vocab"], [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{tokenizer_folder}: {e.filename} is missing (a CLIP tokenizer needs vocab.json and "
+                                f"merges.txt, or tokenizer.json)") from None
+    except (ValueError, KeyError, TypeError) as e:                 # bad JSON, or not a BPE tokenizer.json
+        raise ValueError(f"{tokenizer_folder}: not a readable CLIP tokenizer ({type(e).__name__}: {e})") from None
+
+
+def special_ids(tokenizer_folder: str, vocab: dict) -> tuple[int, int, int]:
     """(bos, eos, pad) token ids from the tokenizer's own files: the vocabulary's <|startoftext|> and
     <|endoftext|>, and tokenizer_config.json's pad_token (SD-1.5: <|endoftext|>; SD-2: "!"). The text encoder's
     config.json is not used for them: SD-1.5's still says transformers' legacy bos 0 / eos 2 / pad 1."""
-    with open(os.path.join(tokenizer_folder, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
     missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
     if missing:
-        raise ValueError(f"{tokenizer_folder}/vocab.json: no {', '.join(missing)} entry (not a CLIP vocabulary)")
+        raise ValueError(f"{tokenizer_folder}: no {', '.join(missing)} entry in the vocabulary (not a CLIP one)")
     pad = "<|endoftext|>"
     cfg_path = os.path.join(tokenizer_folder, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
@@ -758,7 +688,7 @@ def special_ids(tokenizer_folder: str) -> tuple[int, int, int]:
             p = json.load(f).get("pad_token", pad)
         pad = p.get("content", pad) if isinstance(p, dict) else (p or pad)
     if pad not in vocab:
-        raise ValueError(f"{cfg_path}: pad_token {pad!r} is not in vocab.json")
+        raise ValueError(f"{cfg_path}: pad_token {pad!r} is not in the vocabulary")
     return vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
 
 
@@ -768,11 +698,11 @@ class TextEncoder(nn.Module):
     CLIPTextModel ('text_model.*'), so real CLIP-ViT/L14 weights load as they are.
     Call it with a list of prompts: encoder(["a red circle ..."]) -> (B, max_len, width)."""
 
-    def __init__(self, cfg: TextConfig, vocab_path: str | None = None, merges_path: str | None = None):
+    def __init__(self, cfg: TextConfig, bpe: tuple[dict, list] | None = None):
         super().__init__()
         self.cfg = cfg
         self.source = None                                        # the local folder, if loaded by from_pretrained
-        self.tokenizer = Tokenizer(cfg, vocab_path, merges_path)
+        self.tokenizer = Tokenizer(cfg, bpe)
         self.text_model = nn.Module()
         self.text_model.embeddings = nn.Module()
         self.text_model.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
@@ -802,13 +732,14 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str) -> "TextEncoder":
         """A local Hugging Face CLIP folder (openai/clip-vit-large-patch14 or an SD checkpoint's
-        text_encoder/ + tokenizer/): config.json, model.safetensors or pytorch_model.bin, vocab.json,
-        merges.txt. The weights are frozen (3: the paper keeps CLIP fixed)."""
+        text_encoder/ + tokenizer/): config.json, model.safetensors or pytorch_model.bin, vocab.json +
+        merges.txt or tokenizer.json (read_bpe). The weights are frozen (3: the paper keeps CLIP fixed)."""
         folder = os.path.join(folder, "text_encoder") if os.path.isdir(os.path.join(folder, "text_encoder")) else folder
         tok = next((d for d in (folder, os.path.join(os.path.dirname(folder.rstrip("/")), "tokenizer"))
-                    if os.path.isfile(os.path.join(d, "vocab.json"))), None)
+                    if has_bpe_files(d)), None)
         if tok is None:
-            raise FileNotFoundError(f"{folder}: no vocab.json / merges.txt here or in ../tokenizer")
+            raise FileNotFoundError(f"{folder}: no CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) here or "
+                                    f"in ../tokenizer")
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face CLIP folder)")
@@ -817,13 +748,14 @@ class TextEncoder(nn.Module):
         hf = hf.get("text_config", hf)                            # a full CLIPModel nests the text config
         if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
             raise ValueError(f"{cfg_path}: hidden_act = {hf['hidden_act']!r}; this encoder implements CLIP's quick_gelu")
-        bos, eos, pad = special_ids(tok)
+        bpe = read_bpe(tok)
+        bos, eos, pad = special_ids(tok, bpe[0])
         cfg = TextConfig(vocab_size=hf.get("vocab_size", 49408), max_len=hf.get("max_position_embeddings", 77),
                          width=hf.get("hidden_size", 768), layers=hf.get("num_hidden_layers", 12),
                          heads=hf.get("num_attention_heads", 12),
                          mlp_ratio=hf.get("intermediate_size", 3072) // hf.get("hidden_size", 768),
                          bos_id=bos, eos_id=eos, pad_id=pad)
-        model = cls(cfg, os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt"))
+        model = cls(cfg, bpe)
         st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(st):
             try:

@@ -16,11 +16,15 @@ Run it:
   python sample.py --ckpt out/tiny/ufogen.pt --lora out/tiny/lora.pt --prompt "a red circle on a blue background in outlined style"
   python sample.py --ckpt out/tiny/ufogen.pt --adapter out/tiny/adapter.pt --cond edges.png --prompt "..."
   python sample.py --ckpt out/tiny/ufogen.pt --init image.png --mask mask.png --steps 4 --prompt "..."
+  python sample.py --diffusers path/to/stable-diffusion-v1-5 --prompt "..."  # SD-1.5 from its local folder:
+                                                   # DDIM 50 steps, CFG 7.5, its own eps-prediction schedule
 """
 
 import argparse
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ import config
 import data
 import md
 import plugins
+import pretrained
 import vae as vae_lib
 
 # ----------------------------------------------------------------------------------------------------
@@ -37,30 +42,99 @@ import vae as vae_lib
 # ----------------------------------------------------------------------------------------------------
 #
 # Forward process: x_t = alpha_t x_0 + sigma_t eps, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
-# Schedule: SD's "scaled linear" betas (sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012), T = 1000),
-# rescaled so that the last step has zero SNR (Lin et al. 2024, "Common diffusion noise schedules and sample
-# steps are flawed"): abar_T = 0, so x_T is pure noise, exactly what sampling starts from.
+# This project's schedule (ScheduleConfig's defaults): SD's "scaled linear" betas (sqrt(beta) linear from
+# sqrt(0.00085) to sqrt(0.012), T = 1000), rescaled so that the last step has zero SNR (Lin et al. 2024,
+# "Common diffusion noise schedules and sample steps are flawed"): abar_T = 0, so x_T is pure noise, exactly
+# what sampling starts from.
 # Prediction: v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022). Then x0 = alpha_t x_t - sigma_t v, which
 # at t = T (alpha = 0, sigma = 1) is x0 = -v: a bounded, well-conditioned read-out. With eps-prediction
 # x0 = (x_t - sigma eps) / alpha divides by alpha_T ~ 0 there, and the one-step generator of 4 (UFOGen),
 # initialised from this model and asked for x0 from pure noise, would start from garbage.
+# A pretrained Stable Diffusion 1.5 (pretrained.py) is the other setting, read from its folder's
+# scheduler/scheduler_config.json (schedule_from_diffusers): eps-prediction on the plain scaled-linear
+# schedule (abar_999 = 0.0047, not 0), sampled with "leading" spacing (steps_offset 1, set_alpha_to_one
+# false). Every sampler, loss and read-out below takes the schedule dict, whose "cfg" says which.
 
 T = 1000
 
 
-def make_schedule(T: int = T, beta_start: float = 0.00085, beta_end: float = 0.012) -> dict:
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+@dataclass
+class ScheduleConfig:
+    T: int = 1000                    # training timesteps
+    beta_start: float = 0.00085      # SD's betas
+    beta_end: float = 0.012
+    betas: str = "scaled_linear"     # "scaled_linear" (sqrt(beta) linear, SD) | "linear" (DDPM)
+    zero_terminal_snr: bool = True   # Lin et al. 2024's rescale (abar_T = 0); SD-1.5: false
+    prediction: str = "v"            # what the UNet outputs: "v" (this project) | "epsilon" (SD-1.5)
+    spacing: str = "trailing"        # the sampling timesteps (Lin et al. 2024, Table 2): "trailing" (first step at
+                                     # T-1; one-step models need it) | "leading" (SD-1.5) | "linspace"
+    steps_offset: int = 0            # added to "leading" timesteps (SD-1.5: 1)
+    set_alpha_to_one: bool = True    # the last DDIM step lands on abar = 1 (the model's x0) or on abar_0 (SD-1.5)
+
+
+def validate_schedule(cfg: ScheduleConfig, where: str = "ScheduleConfig") -> None:
+    for field, allowed in (("betas", ("scaled_linear", "linear")), ("prediction", ("v", "epsilon")),
+                           ("spacing", ("trailing", "leading", "linspace"))):
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"{where}: {field} = {getattr(cfg, field)!r}, expected one of {allowed}")
+    if cfg.T < 2 or not 0 < cfg.beta_start < cfg.beta_end < 1 or not 0 <= cfg.steps_offset < cfg.T:
+        raise ValueError(f"{where}: T = {cfg.T}, betas {cfg.beta_start} .. {cfg.beta_end}, steps_offset "
+                         f"{cfg.steps_offset}: expected T >= 2, 0 < beta_start < beta_end < 1, 0 <= offset < T")
+    if cfg.zero_terminal_snr and cfg.prediction == "epsilon":
+        raise ValueError(f"{where}: zero_terminal_snr with epsilon-prediction: x0 = (x_T - eps) / alpha_T divides "
+                         f"by alpha_T = 0; use v-prediction (Lin et al. 2024)")
+
+
+def make_schedule(cfg: ScheduleConfig | None = None) -> dict:
+    """The schedule as a dict of (T,) tensors plus its config: abar_t, alpha_t, sigma_t, and "cfg"."""
+    cfg = cfg or ScheduleConfig()
+    validate_schedule(cfg)
+    if cfg.betas == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.T, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0)                   # abar_t
-    # Zero terminal SNR (Lin et al. 2024, Alg. 1): shift and scale sqrt(abar) so the last one is 0, first kept.
     sqrt_ab = alphas_cumprod.sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alphas_cumprod = sqrt_ab ** 2
+    if cfg.zero_terminal_snr:
+        # Lin et al. 2024, Alg. 1: shift and scale sqrt(abar) so the last one is 0, the first kept.
+        first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+        sqrt_ab = (sqrt_ab - last) * first / (first - last)
+        alphas_cumprod = sqrt_ab ** 2
     return {
-        "alphas_cumprod": alphas_cumprod.float(),                 # abar_t, t = 0 .. T-1 (abar_{T-1} = 0)
+        "alphas_cumprod": alphas_cumprod.float(),                 # abar_t, t = 0 .. T-1
         "alpha": sqrt_ab.float(),                                 # alpha_t = sqrt(abar_t)
         "sigma": (1 - alphas_cumprod).sqrt().float(),             # sigma_t = sqrt(1 - abar_t)
+        "cfg": cfg,
     }
+
+
+def schedule_config(conf: dict) -> ScheduleConfig:
+    """The schedule a checkpoint's saved config names (checkpoints from before it was saved: the defaults)."""
+    return config.config_from_dict(ScheduleConfig, conf.get("schedule", {}))
+
+
+def schedule_from_diffusers(folder: str) -> ScheduleConfig:
+    """A diffusers scheduler_config.json (DDIM, PNDM, Euler, ... all share these fields) as a ScheduleConfig.
+    What this project cannot reproduce (trained_betas, cosine betas, sample-prediction, clipping or
+    thresholding of x0) is refused, naming the field."""
+    folder, dc = config.read_diffusers_config(folder, "scheduler", "scheduler", "scheduler_config.json")
+    where = os.path.join(folder, "scheduler_config.json")
+    betas = {"scaled_linear": "scaled_linear", "linear": "linear"}.get(dc.get("beta_schedule", "linear"))
+    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(dc.get("prediction_type", "epsilon"))
+    for field, bad in (("beta_schedule", betas is None), ("prediction_type", prediction is None),
+                       ("trained_betas", dc.get("trained_betas") is not None),
+                       ("clip_sample", dc.get("clip_sample", False)), ("thresholding", dc.get("thresholding", False)),
+                       ("timestep_spacing", dc.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"))):
+        if bad:
+            raise ValueError(f"{where}: {field} = {dc.get(field)!r} is not supported (expected scaled_linear / linear "
+                             f"betas, epsilon / v_prediction, no trained_betas, clip_sample or thresholding)")
+    cfg = ScheduleConfig(T=dc.get("num_train_timesteps", 1000), beta_start=dc.get("beta_start", 0.0001),
+                         beta_end=dc.get("beta_end", 0.02), betas=betas,
+                         zero_terminal_snr=bool(dc.get("rescale_betas_zero_snr", False)), prediction=prediction,
+                         spacing=dc.get("timestep_spacing", "leading"), steps_offset=dc.get("steps_offset", 0),
+                         set_alpha_to_one=dc.get("set_alpha_to_one", True))
+    validate_schedule(cfg, where)
+    return cfg
 
 
 def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,26 +148,36 @@ def q_sample(sched: dict, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) 
 
 
 def v_target(sched: dict, x0, t, eps) -> torch.Tensor:
-    """v = alpha_t eps - sigma_t x_0, the network's training target."""
+    """v = alpha_t eps - sigma_t x_0."""
     return _at(sched["alpha"], t, x0) * eps - _at(sched["sigma"], t, x0) * x0
 
 
-def v_loss_weight(sched: dict, t: torch.Tensor, min_snr: float, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight of the v-MSE: 1 (plain v-prediction, min_snr = 0), or min-SNR-gamma (Hang et al. 2023)
-    in its v form min(SNR_t + 1, gamma) / (SNR_t + 1) = min(1, gamma sigma_t^2): the easy low-noise steps
-    (SNR_t + 1 > gamma) are down-weighted so they stop dominating the gradient. (The paper's printed form,
-    min(SNR, gamma) / (SNR + 1), is 0 at t = T, where zero terminal SNR puts the step that chooses colour
-    and layout; the +1 keeps it at 1.)"""
+def prediction_target(sched: dict, x0, t, eps) -> torch.Tensor:
+    """What the network is trained to output: v (v_target) or eps itself, as the schedule's cfg says."""
+    return eps if sched["cfg"].prediction == "epsilon" else v_target(sched, x0, t, eps)
+
+
+def loss_weight(sched: dict, t: torch.Tensor, min_snr: float, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight of the MSE: 1 (min_snr = 0), or min-SNR-gamma (Hang et al. 2023), the weight that turns
+    each parameterisation's loss into min(SNR_t, gamma) ||x0 - x0'||^2 up to a constant, so the easy low-noise
+    steps stop dominating the gradient:
+      v-prediction:   min(SNR_t + 1, gamma) / (SNR_t + 1) = min(1, gamma sigma_t^2). (The paper's printed form,
+                      min(SNR, gamma) / (SNR + 1), is 0 at t = T, where zero terminal SNR puts the step that
+                      chooses colour and layout; the +1 keeps it at 1.)
+      eps-prediction: min(SNR_t, gamma) / SNR_t = min(1, gamma / SNR_t)."""
     if min_snr <= 0:
         return torch.ones_like(_at(sched["sigma"], t, like))
-    return (min_snr * _at(sched["sigma"], t, like).square()).clamp(max=1.0)
+    a, s = _at(sched["alpha"], t, like), _at(sched["sigma"], t, like)
+    if sched["cfg"].prediction == "epsilon":
+        return (min_snr * s.square() / a.square()).clamp(max=1.0)
+    return (min_snr * s.square()).clamp(max=1.0)
 
 
-def v_loss(sched: dict, v_pred: torch.Tensor, x0, t, eps, min_snr: float) -> torch.Tensor:
+def diffusion_loss(sched: dict, pred: torch.Tensor, x0, t, eps, min_snr: float) -> torch.Tensor:
     """The loss of every stage that trains the denoiser (diffusion, and the 5.4 plugins on the frozen base): the
-    v-MSE against v_target, per sample weighted by v_loss_weight (min-SNR-gamma, or 1), in fp32."""
-    err = (v_pred.float() - v_target(sched, x0, t, eps)).square()
-    return (v_loss_weight(sched, t, min_snr, err) * err).mean()
+    MSE against prediction_target, per sample weighted by loss_weight (min-SNR-gamma, or 1), in fp32."""
+    err = (pred.float() - prediction_target(sched, x0, t, eps)).square()
+    return (loss_weight(sched, t, min_snr, err) * err).mean()
 
 
 def x0_from_v(sched: dict, x_t, t, v) -> torch.Tensor:
@@ -101,8 +185,15 @@ def x0_from_v(sched: dict, x_t, t, v) -> torch.Tensor:
     return _at(sched["alpha"], t, x_t) * x_t - _at(sched["sigma"], t, x_t) * v
 
 
+def x0_from_output(sched: dict, x_t, t, out) -> torch.Tensor:
+    """The network's output as x_0: x0_from_v, or x_0 = (x_t - sigma_t eps) / alpha_t for eps-prediction."""
+    if sched["cfg"].prediction == "epsilon":
+        return (x_t - _at(sched["sigma"], t, x_t) * out) / _at(sched["alpha"], t, x_t)
+    return x0_from_v(sched, x_t, t, out)
+
+
 def eps_from_x0(sched: dict, x_t, t, x0) -> torch.Tensor:
-    """eps = (x_t - alpha_t x_0) / sigma_t; sigma_t > 0 at every t of this schedule (sigma_0 = 0.029)."""
+    """eps = (x_t - alpha_t x_0) / sigma_t; sigma_t > 0 at every t of both schedules (sigma_0 = 0.029)."""
     return (x_t - _at(sched["alpha"], t, x_t) * x0) / _at(sched["sigma"], t, x_t)
 
 
@@ -112,15 +203,16 @@ def eps_from_x0(sched: dict, x_t, t, x0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def guided_denoiser(unet, sched: dict, context: torch.Tensor, uncond: torch.Tensor, scale: float):
-    """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + s (v_cond - v_uncond), conditional and
-    unconditional halves in one batch. 5.2: s ~ 3 gives the best FID for MD. s = 1 is the plain model."""
+    """Classifier-free guidance (Ho & Salimans 2022): out = out_uncond + s (out_cond - out_uncond) on the
+    network's output (v or eps; linear, so either is the same guided x0), conditional and unconditional halves
+    in one batch. 5.2: s ~ 3 gives the best FID for MD. s = 1 is the plain model."""
     def denoise(x, t):
         if scale == 1.0:
-            v = unet(x, t, context)
+            out = unet(x, t, context)
         else:
-            v_u, v_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
-            v = v_u + scale * (v_c - v_u)
-        return x0_from_v(sched, x, t, v)
+            out_u, out_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)
+            out = out_u + scale * (out_c - out_u)
+        return x0_from_output(sched, x, t, out)
     return denoise
 
 
@@ -141,19 +233,48 @@ def trailing_timesteps(steps: int, T: int = T, t_start: int | None = None) -> li
     return [int(round(n - i * n / steps)) - 1 for i in range(steps)]
 
 
+def timesteps(sched: dict, steps: int, t_start: int | None = None) -> list[int]:
+    """The sampling timesteps, high to low, in the schedule's spacing (diffusers' DDIMScheduler.set_timesteps):
+    trailing (trailing_timesteps), leading (0, r, 2r, ... reversed, r = T // steps, plus steps_offset: SD-1.5's
+    1, 21, ..., 981 at 50 steps) or linspace (round(linspace(0, T-1, steps)) reversed). With t_start, the same
+    spacing over [0, t_start] instead of [0, T-1] (image-to-image)."""
+    cfg, n_t = sched["cfg"], len(sched["alpha"])
+    if cfg.spacing == "trailing":
+        return trailing_timesteps(steps, n_t, t_start)
+    n = n_t if t_start is None else t_start + 1
+    if not 1 <= n <= n_t or not 1 <= steps <= n:
+        raise ValueError(f"steps = {steps}, t_start = {t_start}: expected 1 <= steps <= t_start + 1 <= {n_t}")
+    if cfg.spacing == "leading":
+        return [min(i * (n // steps) + cfg.steps_offset, n - 1) for i in reversed(range(steps))]
+    return [int(v) for v in np.linspace(0, n - 1, steps).round()[::-1]]
+
+
+def final_alpha_sigma(sched: dict) -> tuple[float, float]:
+    """Where the last DDIM step lands: abar = 1 (the model's x0; this project) or abar_0 (set_alpha_to_one
+    false, SD-1.5's scheduler: one more small step of noise, sigma_0 = 0.029, kept in the sample)."""
+    if sched["cfg"].set_alpha_to_one:
+        return 1.0, 0.0
+    return float(sched["alpha"][0]), float(sched["sigma"][0])
+
+
 @torch.no_grad()
 def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 0.0, t_start=None):
     """DDIM (Song et al. 2021, Eq. 12): x_{t'} = alpha_{t'} x0 + sqrt(sigma_{t'}^2 - s^2) eps + s z, with
     s = eta * sqrt((sigma_{t'}^2 / sigma_t^2)(1 - alpha_t^2 / alpha_{t'}^2)). eta = 0: deterministic; eta = 1:
-    DDPM-like. After the last step (t' = "-1", alpha = 1) it returns the predicted x0."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
+    DDPM-like. t' is the next of `timesteps` (diffusers: t - T // steps, the same whenever steps divides T);
+    after the last step (t' = "-1") it lands where final_alpha_sigma says, the predicted x0 by default."""
+    ts = timesteps(sched, steps, t_start)
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x0 = denoise(x, tt)
-        if i == len(ts) - 1:
+        last = i == len(ts) - 1
+        if last and sched["cfg"].set_alpha_to_one:
             return x0
         eps = eps_from_x0(sched, x, tt, x0)
         a_t, s_t = float(sched["alpha"][t]), float(sched["sigma"][t])
+        if last:                                                  # SD-1.5: land on abar_0, deterministically
+            a_p, s_p = final_alpha_sigma(sched)
+            return a_p * x0 + s_p * eps
         a_p, s_p = float(sched["alpha"][ts[i + 1]]), float(sched["sigma"][ts[i + 1]])
         s = eta * math.sqrt(max(s_p ** 2 / s_t ** 2 * (1 - a_t ** 2 / a_p ** 2), 0.0)) if eta > 0 else 0.0
         x = a_p * x0 + math.sqrt(max(s_p ** 2 - s ** 2, 0.0)) * eps
@@ -165,7 +286,7 @@ def ddim(denoise, x, sched: dict, steps: int = 50, generator=None, eta: float = 
 def ddpm(denoise, x, sched: dict, steps: int = T, generator=None, t_start=None):
     """Ancestral DDPM (Ho et al. 2020, Alg. 2) on a trailing sub-sequence of timesteps: sample
     x_{t'} ~ q(x_{t'} | x_t, x0) with the posterior of the forward process; the reference sampler."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
+    ts = timesteps(sched, steps, t_start)
     ab = sched["alphas_cumprod"]
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -185,7 +306,7 @@ def renoise(denoise, x, sched: dict, steps: int = 1, generator=None, t_start=Non
     """UFOGen's sampler (4.1; Xu et al. 2023): predict x0 = G(x_t, t), then re-noise it to the next timestep
     with fresh noise, x_{t'} = q(x_{t'} | x0); steps = 1 is one-step generation from pure noise at t = T-1.
     With a diffusion model's denoiser this is the blurry E[x0 | x_T] of 4.2 at one step."""
-    ts = trailing_timesteps(steps, len(sched["alpha"]), t_start)
+    ts = timesteps(sched, steps, t_start)
     for i, t in enumerate(ts):
         x0 = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         if i == len(ts) - 1:
@@ -252,7 +373,12 @@ def trainable_state(model: Denoiser) -> dict:
 
 def load_diffusion(path: str, ema: bool = True):
     """(unet, vae, text_encoder, saved config dict) from a diffusion.pt written by the diffusion stage
-    (or a ufogen.pt / distill.pt, which share its format)."""
+    (or a ufogen.pt / distill.pt, which share its format), or from a diffusers Stable Diffusion pipeline
+    folder (pretrained.py; its scheduler_config.json becomes conf["schedule"])."""
+    if os.path.isdir(path):
+        unet, vae, text, conf = pretrained.load_models(path)
+        conf["schedule"] = dataclasses.asdict(schedule_from_diffusers(path))
+        return unet, vae, text, conf
     ck = config.load_checkpoint(path)
     conf = ck.get("config", {})
     if "unet" not in conf:
@@ -289,11 +415,19 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True) -> "Pipeline":
+        """A train.py checkpoint (diffusion.pt, ufogen.pt, distill.pt) or a diffusers pipeline folder."""
         unet, vae, text, conf = load_diffusion(path, ema=ema)
-        pipe = cls(unet.to(device), vae.to(device), text.to(device), device=device,
+        pipe = cls(unet.to(device), vae.to(device), text.to(device), make_schedule(schedule_config(conf)), device,
                    resolution=conf["train"].get("resolution", 512))
-        pipe.stage = conf["train"].get("stage", "diffusion")
+        pipe.stage = "sd" if conf["train"].get("diffusers") else conf["train"].get("stage", "diffusion")
         return pipe
+
+    @classmethod
+    def from_diffusers(cls, folder: str, device: str = "cpu") -> "Pipeline":
+        """A Stable Diffusion 1.x folder as StableDiffusionPipeline.save_pretrained writes it (pretrained.py):
+        its UNet, VAE, CLIP and scheduler config; sampled like diffusers' pipeline with a DDIMScheduler."""
+        pretrained.check_pipeline_folder(folder)
+        return cls.from_checkpoint(folder, device)
 
     def load_lora(self, path: str, scale: float = 1.0) -> "Pipeline":
         """A style LoRA trained on the base model (train.py --stage lora), folded into this UNet with `scale`."""
@@ -319,8 +453,10 @@ class Pipeline:
     @torch.no_grad()
     def latents(self, prompts, steps=50, guidance_scale=3.0, seed=0, height=None, width=None,
                 negative_prompt="", sampler="ddim", eta=0.0, cond=None, adapter_scale=1.0,
-                init=None, mask=None, strength=1.0):
+                init=None, mask=None, strength=1.0, latents=None):
         """The sampled latents (B, c, H/8, W/8), unscaled (ready for vae.decode).
+        latents (B, c, H/8, W/8): the initial noise x_T in the scaled latent space, instead of drawing it from
+        `seed` (diffusers' pipelines take the same argument; the seed still drives eta > 0 and re-noising).
         cond (B|1, 1, H, W): an edge map for the loaded adapter (5.4 structure control).
         init (B|1, 3, H, W) in [-1, 1]: start from it noised to t = strength * T (image-to-image, SDEdit);
         with mask (B|1, 1, H, W), 1 = regenerate, 0 = keep: inpainting (plugins.inpaint_denoiser)."""
@@ -337,7 +473,13 @@ class Pipeline:
         cond, init, mask = (self._per_image(k, v, n, c, height, width)
                             for k, v, c in (("cond", cond, 1), ("init", init, 3), ("mask", mask, 1)))
         g = torch.Generator(self.device).manual_seed(seed)
-        x = torch.randn(n, self.unet.cfg.in_channels, height // f, width // f, generator=g, device=self.device)
+        shape = (n, self.unet.cfg.in_channels, height // f, width // f)
+        x = torch.randn(shape, generator=g, device=self.device)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents: expected {shape} for {n} prompt(s) at {height}x{width}, got "
+                                 f"{tuple(latents.shape)}")
+            x = latents.to(self.device, torch.float32)
         ctx = self.text_encoder(prompts)
         negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         uncond = self.text_encoder(negs)
@@ -353,9 +495,9 @@ class Pipeline:
             if mask is not None:
                 denoise = plugins.inpaint_denoiser(denoise, z_init, plugins.latent_keep(mask, f))
             if strength < 1:
-                t_start = int(round(strength * len(self.sched["alpha"]))) - 1
+                t_start = int(round(strength * len(self.sched["alpha"]))) - 1   # x_{t_start} ~ q(. | z_init)
                 tt = torch.full((n,), t_start, device=self.device, dtype=torch.long)
-                x = q_sample(self.sched, z_init, tt, x)                                 # x_{t_start} ~ q(. | z_init)
+                x = q_sample(self.sched, z_init, tt, x)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         z = SAMPLERS[sampler](denoise, x, self.sched, steps, generator=g, t_start=t_start, **kwargs)
         return z / self.vae.cfg.scaling_factor
@@ -380,9 +522,10 @@ SAMPLING = {
     "ddim50": dict(steps=50, guidance_scale=3.0, sampler="ddim"),        # 5.2: DDIM 50 steps, CFG ~3
     "eight_step": dict(steps=8, guidance_scale=1.0, sampler="ddim"),     # the distilled student, CFG folded in
     "onestep": dict(steps=1, guidance_scale=1.0, sampler="renoise"),     # UFOGen: one step, no CFG (5.2)
-}
-STAGE_SAMPLING = {"ufogen": "onestep", "distill": "eight_step"}         # what each checkpoint was made for;
-                                                                         # any other: ddim50
+    "sd": dict(steps=50, guidance_scale=7.5, sampler="ddim"),            # a diffusers SD folder: its pipeline's
+}                                                                        # defaults
+STAGE_SAMPLING = {"ufogen": "onestep", "distill": "eight_step",        # what each checkpoint was made for;
+                  "sd": "sd"}                                            # any other: ddim50
 
 
 def read_image(path: str, flag: str, size: int, kind: str) -> torch.Tensor:
@@ -434,12 +577,15 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes the image "
                                             "(one) or a grid of them (several)")
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
+    src.add_argument("--diffusers", help="a local Stable Diffusion 1.x folder in diffusers' save_pretrained layout")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=None, help="default: 1 for ufogen.pt, 8 for distill.pt, else 50")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale; default 1 for ufogen/distill, else 3 (5.2)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale; default 1 for ufogen/distill, 7.5 for --diffusers (diffusers'), else 3 (5.2)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: renoise for ufogen.pt, else ddim")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -459,7 +605,7 @@ def main(argv=None):
     p.add_argument("--out", default="samples.png")
     args = p.parse_args(argv)
     check_args(p, args)
-    pipe = Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
+    pipe = Pipeline.from_diffusers(args.diffusers) if args.diffusers else Pipeline.from_checkpoint(args.ckpt, ema=not args.no_ema)
     defaults = SAMPLING[STAGE_SAMPLING.get(pipe.stage, "ddim50")]
     sampler, steps, guidance = (args.sampler or defaults["sampler"], args.steps or defaults["steps"],
                                 defaults["guidance_scale"] if args.guidance is None else args.guidance)

@@ -48,8 +48,9 @@ import ufogen
 import vae as vae_lib            # `vae` is the model's name in every loop
 from train_utils import (Meter, autocast, build_text_encoder, build_vae_for_diffusion, check_compatible,
                          clip_and_step, describe_denoiser, diffusion_noise, due, ema_update, ema_warmup,
-                         estimate_minutes, finish_stage, gan_optimizers, grid_prompts, init_denoiser,
-                         latent_batch, latent_macs, light_from_teacher, load_base, make_optimizer,
+                         estimate_minutes, finish_stage, from_pipeline_folder, gan_optimizers,
+                         generator_schedule, grid_prompts, init_denoiser, init_schedule, latent_batch,
+                         latent_macs, light_from_teacher, load_base, make_optimizer,
                          make_perceptual, micro_slice, null_context, one_latent, progress_grid, restore,
                          resume_autoencoder, resume_diffusion, save_autoencoder, save_diffusion,
                          save_generator, set_lr, setup, stage_checkpoint, stage_data, step_generator,
@@ -348,17 +349,18 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     """Latent diffusion training of the MD UNet: v-prediction on VAE latents (sample.py explains the
     choice), text dropped with probability p_uncond for classifier-free guidance, AdamW (5.1), EMA."""
     path = os.path.join(cfg.out_dir, "diffusion.pt")
+    cfg, unet_cfg = from_pipeline_folder(cfg, unet_cfg)    # --init_from an SD folder: its UNet, VAE, CLIP
     vae = build_vae_for_diffusion(cfg).to(device).requires_grad_(False)
     text = build_text_encoder(cfg, text_cfg)
     check_compatible(unet_cfg, vae, text)
     model = sample.Denoiser(md.UNet(unet_cfg), text).to(device)
-    sched = sample.make_schedule()
-    if cfg.init_from:                                   # progressive 256 -> 512px, or 3.2's softmax -> relu
+    sched = init_schedule(cfg)                          # the base's parameterisation (SD-1.5: eps), else v
+    if cfg.init_from:                                   # 256 -> 512px, 3.2's softmax -> relu, or SD-1.5
         init_denoiser(model, cfg.init_from, unet_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, cfg.lr)
-    start = resume_diffusion(cfg, path, model, ema, opt, rank)
+    start = resume_diffusion(cfg, path, model, ema, opt, rank, sched)
     if rank == 0:
         describe_denoiser(model, cfg, vae, device)
     net = wrap(model, cfg, world, device)
@@ -379,7 +381,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             ids = text.tokenizer(texts).to(device)                                   # (B, L)
             with autocast(cfg, device):
                 x_t = sample.q_sample(sched, z0, t, eps)
-                loss = sample.v_loss(sched, net(x_t, t, ids), z0, t, eps, cfg.min_snr)
+                loss = sample.diffusion_loss(sched, net(x_t, t, ids), z0, t, eps, cfg.min_snr)
             (loss / cfg.grad_accum).backward()
             meter.add(loss=loss)
         gnorm = clip_and_step(params, opt, cfg, step)
@@ -389,7 +391,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         log.step(step + 1, m, write=due(step, cfg.log_every, cfg))
         done = step + 1 == cfg.steps
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_diffusion(path, cfg, step + 1, model, ema, opt, vae)
+            save_diffusion(path, cfg, step + 1, model, ema, opt, vae, sched)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
             log.record(step + 1, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
             progress_grid(cfg, ema.unet, vae, ema.text, sched, device, prompts, step + 1, steps=20,
@@ -414,10 +416,10 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     """4.1 Eq. 1 with the 4.2 reconstruction term of choice and optional 4.3 LoRA. One G forward per step
     serves both players: D learns on its detached output, G on the same output through the frozen D."""
     base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
-    sched = sample.make_schedule()
+    sched = generator_schedule(base_conf)               # the base's noise levels and parameterisation
     teacher = copy.deepcopy(unet).requires_grad_(False) if ufo_cfg.recon == "distill" else None   # Eq. 2
     disc = ufogen.Discriminator(unet).to(device)                                  # 4.1: from the base
-    gen = copy.deepcopy(unet).requires_grad_(True)
+    gen = unet.requires_grad_(True)              # G is the base itself: no third copy (SD-1.5: 3.4 GB fp32)
     if ufo_cfg.lora_rank:                                                                     # 4.3
         g_params = plugins.add_lora(gen, ufo_cfg.lora_rank, ufo_cfg.lora_alpha, ufo_cfg.lora_convs)
     else:
@@ -456,7 +458,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
             # the sample it judges, so D sees the (x, time) pairs a diffusion model was trained on (d_time).
             t_d = t_prev if ufo_cfg.d_time == "t_prev" else t
             with autocast(cfg, device):
-                x0_pred = sample.x0_from_v(sched, x_t, t, g_net(x_t, t, ctx))     # x0' = G(x_t, t)
+                x0_pred = sample.x0_from_output(sched, x_t, t, g_net(x_t, t, ctx))  # x0' = G(x_t, t)
                 real = sample.q_sample(sched, z0, t_prev, e_real)                # x_{t-1} ~ q(.|x0)
                 fake = sample.q_sample(sched, x0_pred, t_prev, e_fake)           # x'_{t-1} ~ q(.|x0'), grad
                 # D step: real vs detached fake. UFOGen's code steps D on every other iteration only
@@ -485,7 +487,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         ema_update(gen_ema, gen, ufo_cfg.g_ema_decay)
         log.step(step + 1, meter.mean(), write=due(step, cfg.log_every, cfg))
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf, {"ufogen": ufo_cfg},
+            save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf,
+                           {"ufogen": ufo_cfg, "schedule": sched["cfg"]},
                            g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1,
@@ -514,8 +517,8 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
     teacher = unet.requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     student_ema = copy.deepcopy(student).requires_grad_(False)
-    sched = sample.make_schedule()
-    ts = sample.trailing_timesteps(dcfg.target_steps) + [-1]
+    sched = generator_schedule(base_conf)
+    ts = sample.timesteps(sched, dcfg.target_steps) + [-1]
     sub = max(dcfg.teacher_steps // dcfg.target_steps, 1)
     opt = make_optimizer(student.parameters(), cfg, cfg.lr)
     path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
@@ -541,9 +544,9 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
             teacher_denoise = sample.guided_denoiser(teacher, sched, ctx, uncond, dcfg.guidance)
             target = ufogen.distill_target(teacher_denoise, x_t, t, t_next, sched, sub)
             with autocast(cfg, device):
-                x0_pred = sample.x0_from_v(sched, x_t, tb, net(x_t, tb, ctx))
-                # gamma_t-weighted: the x0 error times 1 / sigma_t^2 is the student's own v-loss, the
-                # weighting progressive distillation uses ("SNR+1", Salimans & Ho 2022); not one of Eq. 2/3.
+                x0_pred = sample.x0_from_output(sched, x_t, tb, net(x_t, tb, ctx))
+                # gamma_t-weighted: the x0 error times gamma_t is the student's own loss (v: the weighting
+                # progressive distillation uses, "SNR+1", Salimans & Ho 2022); not one of Eq. 2/3.
                 loss = ufogen.recon_loss(x0_pred.float(), target, tb, sched, weighted=True)
             (loss / cfg.grad_accum).backward()
             meter.add(loss=loss)
@@ -551,7 +554,8 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         ema_update(student_ema, student, ema_warmup(cfg, step))
         log.step(step + 1, {**meter.mean(), "t": float(t), "lr": lr}, write=due(step, cfg.log_every, cfg))
         if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_generator(path, cfg, step + 1, student, student_ema, text, vae, base_conf, {"distill": dcfg},
+            save_generator(path, cfg, step + 1, student, student_ema, text, vae, base_conf,
+                           {"distill": dcfg, "schedule": sched["cfg"]},
                            g_raw=student, g_ema_raw=student_ema, opt_g=opt)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             progress_grid(cfg, student_ema, vae, text, sched, device, prompts, step + 1,
@@ -571,13 +575,13 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
 # ----------------------------------------------------------------------------------------------------
 
 def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world: int, device: str) -> str:
-    """The diffusion stage's loss (v-prediction, min-SNR weighting, CFG dropout: sample.v_loss), with the
-    base frozen and only the plugin trained: LoRA factors (stage lora, on the style set) or the adapter (stage
-    adapter, on (plugins.edges(image), image) pairs). 5.4: trained on the base, never on the one-step
-    model."""
+    """The diffusion stage's loss (the base's prediction, min-SNR weighting, CFG dropout:
+    sample.diffusion_loss), with the base frozen and only the plugin trained: LoRA factors (stage lora, on the
+    style set) or the adapter (stage adapter, on (plugins.edges(image), image) pairs). 5.4: trained on the
+    base, never on the one-step model."""
     base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
     unet.requires_grad_(False)
-    sched, adapter = sample.make_schedule(), None
+    sched, adapter = sample.make_schedule(sample.schedule_config(base_conf)), None
     if cfg.stage == "lora":
         params = plugins.add_lora(unet, pcfg.lora_rank, pcfg.lora_alpha, pcfg.lora_convs)
         net = wrap(unet, cfg, world, device)
@@ -613,7 +617,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
                     v = net(x_t, t, ctx)
                 else:
                     v = unet(x_t, t, ctx, features=net(plugins.edges(x, pcfg.edge_threshold)))
-                loss = sample.v_loss(sched, v, z0, t, eps, cfg.min_snr)
+                loss = sample.diffusion_loss(sched, v, z0, t, eps, cfg.min_snr)
             (loss / cfg.grad_accum).backward()
             meter.add(loss=loss)
         gnorm = clip_and_step(params, opt, cfg, step)

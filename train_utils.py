@@ -24,6 +24,7 @@ import data
 import evaluate
 import md
 import plugins
+import pretrained
 import sample
 import vae as vae_lib
 from config import diverged, load_checkpoint, refuse_if_mismatch, save_checkpoint
@@ -255,10 +256,10 @@ def validation_batch(cfg, vae, n: int = 64):
 
 @torch.no_grad()
 def validation_loss(model, sched, batch, min_snr: float) -> float:
-    """The denoiser's loss (sample.v_loss) on the held-out validation batch."""
+    """The denoiser's loss (sample.diffusion_loss) on the held-out validation batch."""
     z0, captions, t, eps = batch
     ids = model.text.tokenizer(captions).to(z0.device)
-    return float(sample.v_loss(sched, model(sample.q_sample(sched, z0, t, eps), t, ids), z0, t, eps, min_snr))
+    return float(sample.diffusion_loss(sched, model(sample.q_sample(sched, z0, t, eps), t, ids), z0, t, eps, min_snr))
 
 
 @torch.no_grad()
@@ -357,14 +358,16 @@ def save_autoencoder(path: str, cfg, step: int, model, vcfg, disc, opt, opt_d) -
         "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
 
 
-def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae) -> None:
+def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae, sched: dict) -> None:
     """diffusion.pt: the Denoiser and its EMA (without a text encoder read from a folder), the frozen VAE, the
-    configs (what sample.load_diffusion reads) and the optimiser and RNG for --resume."""
+    configs (what sample.load_diffusion reads: UNet, text, VAE, run, schedule) and the optimiser and RNG for
+    --resume."""
     save_checkpoint(path, keep_previous=True, payload={
         "stage": cfg.stage, "step": step, "model": sample.trainable_state(model), "ema": sample.trainable_state(ema),
         "opt": opt.state_dict(), "vae": vae.state_dict(), "rng": {"torch": torch.get_rng_state()},
         "config": {"unet": dataclasses.asdict(model.unet.cfg), "text": dataclasses.asdict(model.text.cfg),
-                   "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg)}})
+                   "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg),
+                   "schedule": dataclasses.asdict(sched["cfg"])}})
 
 
 def save_generator(path: str, cfg, step: int, gen, gen_ema, text, vae, base_conf: dict, stage_conf: dict,
@@ -440,8 +443,38 @@ def check_compatible(unet_cfg: md.UNetConfig, vae: vae_lib.VAE, text: md.TextEnc
                          f"{text.cfg.width} (set --context_dim {text.cfg.width})")
 
 
+def from_pipeline_folder(cfg, unet_cfg: md.UNetConfig):
+    """--stage diffusion --init_from a diffusers SD folder (finetuning SD-1.5): the UNet's architecture is the
+    folder's (only attn_act and dropout may be changed by flags), and unless given otherwise the frozen VAE
+    and CLIP are the folder's too. (cfg, unet_cfg) for the stage; other inits pass through unchanged."""
+    if not (cfg.init_from and pretrained.is_pipeline_folder(cfg.init_from)):
+        return cfg, unet_cfg
+    folder = cfg.init_from
+    _, unet_json = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
+    own = pretrained.unet_config_from_diffusers(unet_json, os.path.join(folder, "unet", "config.json"))
+    unet_cfg = dataclasses.replace(own, attn_act=unet_cfg.attn_act, dropout=unet_cfg.dropout)
+    return dataclasses.replace(cfg, text_encoder=cfg.text_encoder or folder,
+                               vae_diffusers=cfg.vae_diffusers or folder), unet_cfg
+
+
+def init_schedule(cfg) -> dict:
+    """The diffusion stage's schedule: the --init_from model's (a finetune keeps its base's parameterisation:
+    SD-1.5's eps-prediction, or this project's v), else this project's default (sample.ScheduleConfig)."""
+    if not cfg.init_from:
+        return sample.make_schedule()
+    if os.path.isdir(cfg.init_from):
+        return sample.make_schedule(sample.schedule_from_diffusers(cfg.init_from))
+    return sample.make_schedule(sample.schedule_config(load_checkpoint(cfg.init_from).get("config", {})))
+
+
 def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) -> None:
-    """--init_from: another diffusion.pt's EMA weights, for a UNet that may differ only in attn_act / dropout."""
+    """--init_from: another diffusion.pt's EMA weights, or a diffusers SD folder's UNet, for a UNet that may
+    differ only in attn_act / dropout."""
+    if os.path.isdir(path):
+        unet = pretrained.load_unet(path)
+        refuse_if_mismatch(path, "UNet", dataclasses.asdict(unet.cfg), unet_cfg, ignore=("attn_act", "dropout"))
+        model.unet.load_state_dict(unet.state_dict())
+        return
     ck = load_checkpoint(path)
     if "unet" not in ck.get("config", {}):
         raise ValueError(f"{path}: not a diffusion checkpoint (no config['unet'])")
@@ -449,13 +482,15 @@ def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) ->
     sample.load_denoiser_state(model, ck["ema"], path)
 
 
-def resume_diffusion(cfg, path: str, model, ema, opt, rank: int) -> int:
-    """Restore a diffusion stage (Denoiser, EMA, optimiser, RNG), refusing a changed UNet or text encoder."""
+def resume_diffusion(cfg, path: str, model, ema, opt, rank: int, sched: dict) -> int:
+    """Restore a diffusion stage (Denoiser, EMA, optimiser, RNG), refusing a changed UNet, text encoder or
+    schedule."""
     ck = stage_checkpoint(cfg, path, rank)
     if ck is None:
         return 0
     refuse_if_mismatch(path, "UNet", ck["config"]["unet"], model.unet.cfg)
     refuse_if_mismatch(path, "text encoder", ck["config"]["text"], model.text.cfg)
+    refuse_if_mismatch(path, "schedule", ck["config"].get("schedule", {}), sched["cfg"])
     sample.load_denoiser_state(model, ck["model"], path)
     sample.load_denoiser_state(ema, ck["ema"], path)
     torch.set_rng_state(ck["rng"]["torch"])                       # (the noise itself comes from (seed, step))
@@ -463,13 +498,22 @@ def resume_diffusion(cfg, path: str, model, ema, opt, rank: int) -> int:
 
 
 def load_base(cfg, device: str):
-    """The pretrained diffusion model the post-training stages start from (--init_from, else out_dir's
-    diffusion.pt), its frozen VAE and text encoder on `device`, its saved config, and cfg with the base's
-    text encoder folder (so the stage's checkpoint reloads with the same encoder)."""
+    """The pretrained diffusion model the post-training stages start from (--init_from: a diffusion.pt or a
+    diffusers SD folder, else out_dir's diffusion.pt), its frozen VAE and text encoder on `device`, its saved
+    config (with its schedule), and cfg with the base's text encoder folder (so the stage's checkpoint reloads
+    with the same encoder)."""
     base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
     unet, vae, text, conf = sample.load_diffusion(base, ema=True)
     cfg = dataclasses.replace(cfg, text_encoder=conf["train"].get("text_encoder", ""))
     return base, unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False), conf, cfg
+
+
+def generator_schedule(base_conf: dict) -> dict:
+    """The schedule of a one-step or few-step model made from a base (ufogen, distill): the base's noise levels and
+    parameterisation, sampled with trailing spacing, so that its first step is t = T-1, where sampling from pure
+    noise starts (Lin et al. 2024; SD-1.5's leading spacing would put one step at t = 1)."""
+    return sample.make_schedule(dataclasses.replace(sample.schedule_config(base_conf), spacing="trailing",
+                                                    steps_offset=0, set_alpha_to_one=True))
 
 
 @torch.no_grad()

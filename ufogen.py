@@ -167,10 +167,14 @@ def g_adv_loss(d_fake, clamp: float = 0.5):
 # ----------------------------------------------------------------------------------------------------
 
 def gamma(sched: dict, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """gamma_t of Eq. 1. We take 1 / sigma_t^2: since x0 - x0' = sigma_t (v' - v) for a v-prediction
-    network, lambda gamma_t ||x0 - x0'||^2 is then exactly the base model's own v-loss, i.e. the
-    'original diffusion loss' that UFOGen keeps."""
-    return sample._at(sched["sigma"], t, like) ** -2
+    """gamma_t of Eq. 1: the weight that makes lambda gamma_t ||x0 - x0'||^2 exactly the base model's own loss,
+    the 'original diffusion loss' that UFOGen keeps. v-prediction: x0 - x0' = sigma_t (v' - v), so gamma_t =
+    1 / sigma_t^2. eps-prediction (SD-1.5, UFOGen's own base): x0 - x0' = (sigma_t / alpha_t)(eps' - eps), so
+    gamma_t = alpha_t^2 / sigma_t^2 = SNR_t."""
+    g = sample._at(sched["sigma"], t, like) ** -2
+    if sched["cfg"].prediction == "epsilon":
+        g = g * sample._at(sched["alpha"], t, like) ** 2
+    return g
 
 
 def recon_target(cfg: UFOGenConfig, x0, x_t, t, context, sched, teacher=None, g_ema=None, uncond=None):

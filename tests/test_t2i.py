@@ -2,7 +2,6 @@
 stage of train.py. Independent references: Hugging Face transformers' CLIPTokenizer / CLIPTextModel on a
 small random config and a generated vocabulary; closed-form properties of the schedule and of DDIM."""
 
-import dataclasses
 import json
 import os
 
@@ -16,6 +15,7 @@ import md
 import sample as S
 import train
 import train_utils
+from conftest import make_clip_folder
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -93,36 +93,6 @@ def test_image_folder_layouts_and_bad_data(tmp_path, capsys):
 
 
 # --- the CLIP text encoder: parity with transformers -----------------------------------------------
-
-def make_clip_folder(tmp_path, words):
-    """A tiny CLIP tokenizer vocabulary (bytes + merges that build `words`) and a random CLIPTextModel."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("safetensors")
-    b2u = md._bytes_to_unicode()
-    vocab = list(b2u.values()) + [c + "</w>" for c in b2u.values()]
-    merges = []
-    for w in words:
-        parts = [b2u[b] for b in w.encode()]
-        parts[-1] += "</w>"
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.append(parts[0] + parts[1])
-            parts = [parts[0] + parts[1]] + parts[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    torch.manual_seed(0)
-    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                                      bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
-    model = transformers.CLIPTextModel(cfg).eval()
-    model.save_pretrained(folder)
-    return folder, model, transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-
 
 @pytest.mark.slow
 def test_clip_tokenizer_and_encoder_match_transformers(tmp_path):
@@ -309,10 +279,10 @@ def test_min_snr_weight_is_min_snr_plus_one_gamma_over_snr_plus_one():
     sched, t = S.make_schedule(), torch.tensor([0, 100, 500, 900, 999])
     snr = (sched["alpha"][t].double() / sched["sigma"][t].double()) ** 2    # SNR_t from the schedule itself
     want = torch.minimum(snr + 1, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
-    got = S.v_loss_weight(sched, t, 5.0, torch.zeros(5, 1, 1, 1)).flatten()
+    got = S.loss_weight(sched, t, 5.0, torch.zeros(5, 1, 1, 1)).flatten()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     assert got[-1] == 1.0 and got[0] < 0.01                           # zero-SNR step kept; easy steps down-weighted
-    assert torch.equal(S.v_loss_weight(sched, t, 0.0, torch.zeros(5, 1, 1, 1)).flatten(), torch.ones(5))
+    assert torch.equal(S.loss_weight(sched, t, 0.0, torch.zeros(5, 1, 1, 1)).flatten(), torch.ones(5))
 
 
 @pytest.mark.slow
