@@ -8,6 +8,7 @@ Layering, imports one way only (each file imports only from files above it in th
   data.py     synthetic shapes, image folders, the attribute checker, grids, Frechet distance
   md.py       3: the MobileDiffusion UNet and text encoder, presets, Table 1 cost
   vae.py      3.5: the VAE and the light decoder
+  pretrained.py  a local diffusers Stable Diffusion 1.x folder as this project's UNet, VAE and CLIP
   plugins.py  4.3 + 5.4: LoRA, the T2I-Adapter, edge maps, inpainting
   sample.py   schedule, samplers, loading checkpoints, Pipeline
   ufogen.py   4: UFOGen's losses and the 8-step distillation target
@@ -154,6 +155,10 @@ def non_finite(obj, key: str = "") -> str | None:
     return None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder); the message says what was kept."""
+
+
 def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> None:
     """Atomic: write to a temporary file of this process, then rename over the old one, so a crash mid-write
     (or a second run writing the same path) never leaves a half-written checkpoint in place of the last good
@@ -167,7 +172,14 @@ def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> No
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp, prev_tmp = f"{path}.{os.getpid()}.tmp", f"{previous_path(path)}.{os.getpid()}.tmp"
     try:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except (RuntimeError, OSError) as e:                     # a full disk: torch's "unexpected pos ..."
+            folder = os.path.dirname(os.path.abspath(path))
+            free = shutil.disk_usage(folder).free / 2 ** 30 if os.path.isdir(folder) else float("nan")
+            kept = f"the previous {path} is intact" if os.path.isfile(path) else "no earlier checkpoint existed"
+            raise CheckpointWriteError(f"{path}: could not be written ({type(e).__name__}: {str(e)[:120]}; "
+                                       f"{free:.1f} GiB free in {folder}, not writable or full?); {kept}") from None
         if keep_previous and os.path.isfile(path):
             try:
                 os.link(path, prev_tmp)
@@ -349,12 +361,12 @@ def need(package: str, pip_name: str):
 
 
 def run_cli(main) -> None:
-    """Every script's entry point: bad input (ValueError, FileNotFoundError) and a diverged run (FloatingPointError,
-    Diverged) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
+    """Every script's entry point: bad input (ValueError, FileNotFoundError), a diverged run (FloatingPointError,
+    Diverged) and a checkpoint that cannot be written (CheckpointWriteError) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
     traceback. main() itself still raises, for callers and tests."""
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
         for bar in list(getattr(tqdm, "_instances", ())):       # close open progress bars first, so that the
             bar.close()                                          # error is the last line, not a redrawn bar
         print(f"error: {e}", file=sys.stderr)

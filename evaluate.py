@@ -100,7 +100,8 @@ def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
     grid with, per prompt, the base model's DDIM-50 + CFG, its 1-step DDIM and 1-step UFOGen."""
     prompts = heldout_prompts(cfg, cfg.eval_images)
     real = heldout_images(cfg, cfg.eval_images)
-    base, ufo = sample.Pipeline.from_checkpoint(base_path, device), sample.Pipeline.from_checkpoint(ufo_path, device)
+    base = sample.Pipeline.from_checkpoint(base_path, device, resolution=cfg.resolution)   # at the stage's size
+    ufo = sample.Pipeline.from_checkpoint(ufo_path, device)
     rows = []
     for name, pipe, kw in [("onestep", ufo, sample.SAMPLING["onestep"]),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
@@ -308,7 +309,7 @@ def plugin_grid(cfg, base_path: str, plugin_path: str, device: str, n: int = 8) 
     held = data.first_items(data.make_dataset(cfg.data, "heldout", cfg.resolution), n)
     images, prompts = torch.stack([x for x, _ in held]).to(device), [c for _, c in held]
     kw = dict(sample.SAMPLING["ddim50"], steps=cfg.eval_steps, guidance_scale=cfg.guidance, seed=0)
-    pipe = sample.Pipeline.from_checkpoint(base_path, device)
+    pipe = sample.Pipeline.from_checkpoint(base_path, device, resolution=cfg.resolution)
     rows = [pipe.images(prompts, **kw)]
     if cfg.stage == "lora":
         rows.append(pipe.load_lora(plugin_path).images(prompts, **kw))

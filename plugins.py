@@ -51,6 +51,13 @@ class PluginConfig:                  # train.py flags: --plugin_<field>
 # 4.3 LoRA (Hu et al. 2021, the paper's [20]): on the UFOGen generator (4.3) and as the 5.4 style plugin
 # ----------------------------------------------------------------------------------------------------
 
+def fold(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * up @ down for a linear layer (out, in), or for a conv: up (out, r, 1, 1) after down (r, in, k, k)."""
+    if weight.ndim == 2:
+        return weight + scale * (up @ down)
+    return weight + scale * torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+
+
 class LoRA(nn.Module):
     """y = base(x) + (alpha / r) * up(down(x)), base frozen; `up` zero-initialised so a fresh LoRA is a null
     effect (4.3: "setting the LoRA layers to initialize with a null effect"). For a conv, `down` is a conv of
@@ -71,14 +78,14 @@ class LoRA(nn.Module):
     def forward(self, x):
         return self.base(x) + self.scale * self.up(self.down(x))
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * up @ down: the base weight with the low-rank update folded in (a new tensor)."""
+        return fold(self.base.weight, self.up.weight, self.down.weight, self.scale).detach()
+
     def merged(self) -> nn.Module:
-        """The base layer with the low-rank update folded into its weight: W + scale * up @ down."""
+        """The base layer with the low-rank update folded into its weight."""
         layer = copy.deepcopy(self.base)
-        if isinstance(layer, nn.Linear):
-            delta = self.up.weight @ self.down.weight                                  # (out, in)
-        else:
-            delta = torch.einsum("or,rikl->oikl", self.up.weight[:, :, 0, 0], self.down.weight)
-        layer.weight.data += self.scale * delta
+        layer.weight.data = self.merged_weight()
         return layer.requires_grad_(True)
 
 
@@ -119,6 +126,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoRA):
                 setattr(parent, name, child.merged())
     return model
+
+
+def fold_lora_state(state: dict, scale: float) -> dict:
+    """A state dict of a model with LoRA layers (keys <layer>.base.weight / .down.weight / .up.weight) as the
+    plain model's (keys <layer>.weight): what merge_lora(model).state_dict() gives, from the tensors alone. A
+    LoRA generator's checkpoint stores its unmerged state (no second copy of the UNet is made to save it) and is
+    folded here when loaded. A state without LoRA keys is returned as it is."""
+    out = {}
+    for key, value in state.items():
+        head, dot, leaf = key.rpartition(".")
+        if head.endswith(".base"):
+            layer = head[:-len(".base")]
+            up, down = state.get(f"{layer}.up.weight"), state.get(f"{layer}.down.weight")
+            out[f"{layer}.{leaf}"] = fold(value, up, down, scale) if leaf == "weight" and up is not None else value
+        elif not ((head.endswith(".up") or head.endswith(".down")) and f"{head.rpartition('.')[0]}.base.weight" in state):
+            out[key] = value
+    return out
 
 
 def lora_state_dict(model: nn.Module) -> dict:

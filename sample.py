@@ -358,6 +358,13 @@ class Denoiser(torch.nn.Module):
         return self.unet(x, t, ctx)
 
 
+def denoiser_weights(ck: dict, key: str, path: str) -> dict:
+    """A checkpoint's Denoiser weights ("model" or "ema"), with the LoRA of a LoRA generator folded in
+    (train_utils.save_generator keeps it unmerged), refused if not finite."""
+    state = finite_weights(ck[key], path, key)
+    return plugins.fold_lora_state(state, ck["lora_scale"]) if ck.get("lora_scale") else state
+
+
 def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
     """Load a Denoiser state; only the weights of a text encoder read from a folder may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -387,8 +394,7 @@ def load_diffusion(path: str, ema: bool = True):
     vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
     model = Denoiser(md.UNet(unet_cfg), text)
-    key = "ema" if ema else "model"
-    load_denoiser_state(model, finite_weights(ck[key], path, key), path)
+    load_denoiser_state(model, denoiser_weights(ck, "ema" if ema else "model", path), path)
     vae = vae_lib.VAE(vcfg)
     vae.load_state_dict(finite_weights(ck["vae"], path, "vae"), source=path)
     return model.unet.eval(), vae.eval(), model.text.eval(), conf
@@ -414,11 +420,13 @@ class Pipeline:
         self.adapter, self.stage = None, "diffusion"            # stage: which train.py stage made the UNet
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True) -> "Pipeline":
-        """A train.py checkpoint (diffusion.pt, ufogen.pt, distill.pt) or a diffusers pipeline folder."""
+    def from_checkpoint(cls, path: str, device: str = "cpu", ema: bool = True,
+                        resolution: int | None = None) -> "Pipeline":
+        """A train.py checkpoint (diffusion.pt, ufogen.pt, distill.pt) or a diffusers pipeline folder; resolution:
+        the default image size (else the one it was trained at: SD-1.5's folder says 512)."""
         unet, vae, text, conf = load_diffusion(path, ema=ema)
         pipe = cls(unet.to(device), vae.to(device), text.to(device), make_schedule(schedule_config(conf)), device,
-                   resolution=conf["train"].get("resolution", 512))
+                   resolution=resolution or conf["train"].get("resolution", 512))
         pipe.stage = "sd" if conf["train"].get("diffusers") else conf["train"].get("stage", "diffusion")
         return pipe
 

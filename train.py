@@ -50,11 +50,11 @@ from train_utils import (Meter, autocast, build_text_encoder, build_vae_for_diff
                          clip_and_step, describe_denoiser, diffusion_noise, due, ema_update, ema_warmup,
                          estimate_minutes, finish_stage, from_pipeline_folder, gan_optimizers,
                          generator_schedule, grid_prompts, init_denoiser, init_schedule, latent_batch,
-                         latent_macs, light_from_teacher, load_base, make_optimizer,
-                         make_perceptual, micro_slice, null_context, one_latent, progress_grid, restore,
-                         resume_autoencoder, resume_diffusion, save_autoencoder, save_diffusion,
-                         save_generator, set_lr, setup, stage_checkpoint, stage_data, step_generator,
-                         to_latents, vae_macs, validation_batch, validation_loss, wrap, yields_latents)
+                         latent_macs, light_from_teacher, load_base, make_optimizer, make_perceptual,
+                         micro_slice, null_context, one_latent, progress_grid, restore, resume_autoencoder,
+                         resume_diffusion, save_autoencoder, save_diffusion, save_generator, set_lr, setup,
+                         share_frozen, stage_checkpoint, stage_data, step_generator, to_latents, vae_macs,
+                         validation_batch, validation_loss, wrap, yields_latents)
 
 
 @dataclass
@@ -424,7 +424,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         g_params = plugins.add_lora(gen, ufo_cfg.lora_rank, ufo_cfg.lora_alpha, ufo_cfg.lora_convs)
     else:
         g_params = list(gen.parameters())
-    gen_ema = copy.deepcopy(gen).requires_grad_(False)                            # Eq. 3, and sampling
+    gen_ema = share_frozen(copy.deepcopy(gen), gen).requires_grad_(False)        # Eq. 3, and sampling
     opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     d_lr = cfg.lr * ufo_cfg.d_lr_mult
     opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=(0.0, cfg.beta2))   # UFOGen: D's beta1 0
@@ -635,7 +635,8 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
         flops = 6 * latent_macs(unet, cfg, vae, null_context(text))
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
         if cfg.data == "shapes":                         # 5.4's metrics need the shapes' attributes
-            evaluate.plugin_stage_report(cfg, sample.Pipeline.from_checkpoint(base, device), path, device)
+            base_pipe = sample.Pipeline.from_checkpoint(base, device, resolution=cfg.resolution)
+            evaluate.plugin_stage_report(cfg, base_pipe, path, device)
         else:                                            # real data: held-out captions without / with it
             evaluate.plugin_grid(cfg, base, path, device)
     return path

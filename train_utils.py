@@ -8,7 +8,6 @@ vae.py, sample.py (the diffusion loss) and ufogen.py.
 `cfg` below is always a train.TrainConfig of one stage (train.stage_config).
 """
 
-import copy
 import dataclasses
 import math
 import os
@@ -124,7 +123,19 @@ def clip_and_step(params, opt, cfg, step: int) -> float:
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
+            if e is not p:                                        # share_frozen's shared weights stay as they are
+                e.lerp_(p.detach(), 1 - decay)
+
+
+def share_frozen(ema: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """Point ema's frozen parameters at model's own tensors: with LoRA (4.3) only the factors train, so an EMA
+    needs no second copy of the frozen base (SD-1.5: 3.2 GiB saved). Returns ema."""
+    own = dict(model.named_parameters())
+    for name, _ in list(ema.named_parameters()):
+        if not own[name].requires_grad:
+            parent, _, leaf = name.rpartition(".")
+            setattr(ema.get_submodule(parent), leaf, own[name])
+    return ema
 
 
 def ema_warmup(cfg, step: int) -> float:
@@ -372,13 +383,16 @@ def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae, sched: dict)
 
 def save_generator(path: str, cfg, step: int, gen, gen_ema, text, vae, base_conf: dict, stage_conf: dict,
                    **raw) -> None:
-    """ufogen.pt / distill.pt: read by Pipeline.from_checkpoint / load_diffusion like a diffusion.pt (LoRA
-    merged), plus the raw training state (`raw`: modules and optimisers by checkpoint key) for --resume.
-    stage_conf: the stage's own config by name ({"ufogen": ...} or {"distill": ...})."""
-    def merged(m):
-        return sample.trainable_state(sample.Denoiser(plugins.merge_lora(copy.deepcopy(m)), text))
+    """ufogen.pt / distill.pt: read by Pipeline.from_checkpoint / load_diffusion like a diffusion.pt, plus the raw
+    training state (`raw`: modules and optimisers by checkpoint key) for --resume. A LoRA generator's "model" and
+    "ema" keep their LoRA layers unmerged (the same tensors as the raw state, so the file holds them once and
+    no merged copy of the UNet is made: SD-1.5 sized, it would not fit beside the training state);
+    sample.load_diffusion folds them in with "lora_scale". stage_conf: the stage's own configs by name
+    ({"ufogen": ..., "schedule": ...})."""
+    scale = next((m.scale for m in gen.modules() if isinstance(m, plugins.LoRA)), None)
     save_checkpoint(path, keep_previous=True, payload={
-        "stage": cfg.stage, "step": step, "model": merged(gen), "ema": merged(gen_ema), "vae": vae.state_dict(),
+        "stage": cfg.stage, "step": step, "model": sample.trainable_state(sample.Denoiser(gen, text)),
+        "ema": sample.trainable_state(sample.Denoiser(gen_ema, text)), "lora_scale": scale, "vae": vae.state_dict(),
         **{k: v.state_dict() for k, v in raw.items()},
         "lora": plugins.lora_state_dict(gen),
         "config": {**base_conf, "train": dataclasses.asdict(cfg),
@@ -479,7 +493,7 @@ def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) ->
     if "unet" not in ck.get("config", {}):
         raise ValueError(f"{path}: not a diffusion checkpoint (no config['unet'])")
     refuse_if_mismatch(path, "UNet", ck["config"]["unet"], unet_cfg, ignore=("attn_act", "dropout"))
-    sample.load_denoiser_state(model, ck["ema"], path)
+    sample.load_denoiser_state(model, sample.denoiser_weights(ck, "ema", path), path)
 
 
 def resume_diffusion(cfg, path: str, model, ema, opt, rank: int, sched: dict) -> int:

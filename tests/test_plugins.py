@@ -52,6 +52,20 @@ def test_zero_adapter_and_zero_lora_leave_outputs_unchanged(random_unet):
 # --- LoRA files -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
+def test_folding_a_lora_state_equals_merging_the_model(random_unet):
+    """A LoRA generator's checkpoint keeps its LoRA unmerged (no copy of the UNet is made to save it);
+    fold_lora_state, applied when it loads, gives bit for bit the merged model's state."""
+    import copy
+    unet = random_unet()
+    P.add_lora(unet, 4, 8.0, True)
+    for name, p in unet.named_parameters():
+        if name.endswith("up.weight"):
+            p.data.normal_(0, 0.1)                                 # a trained LoRA, not the null init
+    want, got = P.merge_lora(copy.deepcopy(unet)).state_dict(), P.fold_lora_state(unet.state_dict(), 2.0)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert P.fold_lora_state(want, 2.0) == want                    # a plain state passes through
+
+
 def test_lora_file_loads_onto_the_base_and_a_one_step_model(tmp_path, random_unet):
     base = random_unet(0)
     onestep = copy.deepcopy(base)                   # a finetuned generator: same architecture, other weights

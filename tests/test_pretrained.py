@@ -34,7 +34,8 @@ def randomize(model, scale=0.02):
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     """A small SD-1.5-topology pipeline (4 UNet levels, the cross-attention mid block, 8 heads at every level,
-    a 4-level AutoencoderKL: f = 8, a CLIP text model), saved by StableDiffusionPipeline.save_pretrained."""
+    a 4-level AutoencoderKL: f = 8, a CLIP text model), saved by StableDiffusionPipeline.save_pretrained. Its
+    UNet's sample_size says 128px; the tests sample and train at 64px, as a user at 256px would with SD-1.5."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("sd")
@@ -42,7 +43,7 @@ def sd_folder(tmp_path_factory):
     tok = transformers.CLIPTokenizer(str(clip / "vocab.json"), str(clip / "merges.txt"), model_max_length=77)
     torch.manual_seed(0)
     unet = randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=64,
+        sample_size=16, block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
     vae = randomize(diffusers.AutoencoderKL(
@@ -198,7 +199,7 @@ def test_sd15_full_size_unet_ddim_with_cfg_equals_diffusers():
 @pytest.mark.slow
 def test_pipeline_from_diffusers_equals_stable_diffusion_pipeline(sd_folder, tmp_path):
     ours = S.Pipeline.from_diffusers(str(sd_folder))
-    assert ours.sched["cfg"].prediction == "epsilon" and ours.resolution == 64 and ours.stage == "sd"
+    assert ours.sched["cfg"].prediction == "epsilon" and ours.resolution == 128 and ours.stage == "sd"
     prompts = ["a red circle on a blue background", "a green triangle"]
     lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sf = ours.vae.cfg.scaling_factor
@@ -209,13 +210,13 @@ def test_pipeline_from_diffusers_equals_stable_diffusion_pipeline(sd_folder, tmp
         if changes:
             ours.sched = S.make_schedule(S.ScheduleConfig(**{**vars(S.schedule_from_diffusers(str(sd_folder))),
                                                              "spacing": "trailing"}))
-        kw = dict(latents=lat, num_inference_steps=steps, guidance_scale=cfg_scale)
+        kw = dict(latents=lat, num_inference_steps=steps, guidance_scale=cfg_scale, height=64, width=64)
         want = ref(prompts, output_type="latent", **kw).images
-        got = ours.latents(prompts, steps=steps, guidance_scale=cfg_scale, latents=lat) * sf
+        got = ours.latents(prompts, steps=steps, guidance_scale=cfg_scale, latents=lat, height=64) * sf
         err = (got - want).abs().max().item()
         pix_ref = (ref(prompts, output_type="np", **kw).images * 255).round().astype(np.int16)
         pix = np.stack([np.asarray(im, dtype=np.int16) for im in ours(prompts, steps=steps, guidance_scale=cfg_scale,
-                                                                      latents=lat)])
+                                                                      latents=lat, height=64)])
         diff = np.abs(pix - pix_ref)
         print(f"{changes or 'SD-1.5 scheduler'}, {steps} steps, CFG {cfg_scale}: max |latent diff| {err:.2e}, "
               f"pixels mean {diff.mean():.3f} max {diff.max()} levels")
@@ -225,21 +226,24 @@ def test_pipeline_from_diffusers_equals_stable_diffusion_pipeline(sd_folder, tmp
     ref = diffusers_ddim(sd_folder, prediction_type="v_prediction", rescale_betas_zero_snr=True,
                          timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0)
     ours.sched = S.make_schedule()
-    want = ref(prompts, output_type="latent", latents=lat, num_inference_steps=8, guidance_scale=3.0).images
-    got = ours.latents(prompts, steps=8, guidance_scale=3.0, latents=lat) * sf
+    want = ref(prompts, output_type="latent", latents=lat, num_inference_steps=8, guidance_scale=3.0, height=64,
+               width=64).images
+    got = ours.latents(prompts, steps=8, guidance_scale=3.0, latents=lat, height=64) * sf
     assert (got - want).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match=r"latents: expected \(2, 4, 8, 8\)"):
-        ours.latents(prompts, latents=lat[:1])
+        ours.latents(prompts, latents=lat[:1], height=64)
 
 
 @pytest.mark.slow
 def test_sample_py_diffusers_folder(sd_folder, tmp_path, capsys):
     out = tmp_path / "sd.png"
-    S.main(["--diffusers", str(sd_folder), "--prompt", "a red circle", "--n", "1", "--steps", "4", "--out", str(out)])
+    S.main(["--diffusers", str(sd_folder), "--prompt", "a red circle", "--n", "1", "--steps", "4", "--resolution", "64",
+            "--out", str(out)])
     assert "ddim 4 steps, guidance 7.5" in capsys.readouterr().out
     from PIL import Image
     got = np.asarray(Image.open(out))
-    want = S.Pipeline.from_diffusers(str(sd_folder))(["a red circle"], steps=4, guidance_scale=7.5, seed=0)[0]
+    want = S.Pipeline.from_diffusers(str(sd_folder))(["a red circle"], steps=4, guidance_scale=7.5, seed=0,
+                                                     height=64)[0]
     assert got.shape == (64, 64, 3) and np.array_equal(got, np.asarray(want))
     with pytest.raises(FileNotFoundError, match="not a diffusers Stable Diffusion pipeline folder: missing unet/"):
         S.Pipeline.from_diffusers(str(tmp_path))
@@ -269,7 +273,8 @@ def test_every_stage_trains_from_a_diffusers_folder_and_exports(sd_folder, tmp_p
     train.main(["--stage", "diffusion", "--lr", "1e-30", *common])
     tuned, base = S.Pipeline.from_checkpoint(str(out / "diffusion.pt")), S.Pipeline.from_diffusers(str(sd_folder))
     assert tuned.sched["cfg"] == base.sched["cfg"]
-    assert torch.equal(tuned.latents(["a red circle"], steps=4), base.latents(["a red circle"], steps=4))
+    assert tuned.resolution == 64 and base.resolution == 128
+    assert torch.equal(tuned.latents(["a red circle"], steps=4), base.latents(["a red circle"], steps=4, height=64))
     import export_coreml
     pytest.importorskip("coremltools")
     export_coreml.main(["--ckpt", str(sd_folder), "--components", "text_encoder", "--out", str(tmp_path / "exp")])

@@ -257,3 +257,25 @@ def test_the_checkpoint_before_the_last_is_kept_and_named_and_nan_weights_are_re
     before = (out / "vae.pt").read_bytes()                               # --overwrite keeps the old good one
     train.main([*common, "--steps", "1", "--overwrite", "true"])
     assert (out / "vae.prev.pt").read_bytes() == before
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk fails with "[enforce fail at inline_container.cc:672] . unexpected pos"; the
+    user gets one line that names the file and says the previous checkpoint is intact, which it is."""
+    path = str(tmp_path / "diffusion.pt")
+    config.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13918457152 vs 13918457048")
+    monkeypatch.setattr(torch, "save", full_disk)
+
+    def main():
+        config.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)}, keep_previous=True)
+    with pytest.raises(SystemExit) as e:
+        config.run_cli(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: could not be written")
+    assert f"the previous {path} is intact" in err[0] and "GiB free" in err[0]
+    assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["diffusion.pt"]   # no temp file
