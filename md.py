@@ -490,6 +490,13 @@ class UNet(nn.Module):
                 h = self.upsample[j](h)                           # (B, C_i, 2x, 2x)
         return self.conv_out(F.silu(self.norm_out(h)))           # (B, in_channels, H, W)
 
+    @classmethod
+    def from_diffusers(cls, folder: str) -> "UNet":
+        """A diffusers UNet2DConditionModel folder of SD-1.x's layout (or a pipeline folder holding unet/):
+        pretrained.load_unet, where the config conversion and the weight renames live."""
+        import pretrained                                          # pretrained.py imports this file
+        return pretrained.load_unet(folder)
+
     def feature_shapes(self, x: torch.Tensor) -> list[tuple]:
         """(C_i, H/2^i, W/2^i) of each level's encoder features for a latent x: what an adapter must produce."""
         return [(c, x.shape[-2] >> i, x.shape[-1] >> i) for i, c in enumerate(self.cfg.channels)]
@@ -728,6 +735,14 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: list[str]) -> torch.Tensor:
         device = self.text_model.final_layer_norm.weight.device
         return self.encode_ids(self.tokenizer(list(prompts)).to(device))
+
+    def pooled(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """CLIP's pooled text feature (B, D): the last hidden state at each prompt's first <|endoftext|>
+        (transformers' CLIPTextModel pooler_output; for SD-1.5's legacy eos_token_id 2 it takes the argmax id,
+        which is the same token, since <|endoftext|> is the vocabulary's last entry). SD conditions on the whole
+        sequence; the pooled feature is what CLIP-score-like uses and SDXL-style conditioning need."""
+        first_eos = (ids == self.cfg.eos_id).int().argmax(dim=-1)                 # (B,)
+        return hidden[torch.arange(ids.shape[0], device=ids.device), first_eos]
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "TextEncoder":

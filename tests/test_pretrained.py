@@ -142,7 +142,7 @@ def test_unet_from_diffusers_matches_diffusers_forward(tmp_path):
         torch.testing.assert_close(ours(x, t, ctx), ref(x, t, ctx).sample, atol=1e-5, rtol=0)
     ref.half().save_pretrained(tmp_path / "fp16", variant="fp16")   # only the fp16 variant on disk
     with torch.no_grad():
-        torch.testing.assert_close(pretrained.load_unet(str(tmp_path / "fp16"))(x, t, ctx), ours(x, t, ctx),
+        torch.testing.assert_close(md.UNet.from_diffusers(str(tmp_path / "fp16"))(x, t, ctx), ours(x, t, ctx),
                                    atol=5e-2, rtol=0)
 
 

@@ -122,7 +122,9 @@ def test_clip_special_ids_come_from_the_vocabulary_not_sd15s_legacy_config(tmp_p
     want = ref_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ours.tokenizer(prompts), want)
     with torch.no_grad():
-        torch.testing.assert_close(ours(prompts), ref(want).last_hidden_state, atol=1e-4, rtol=0)
+        out = ref(want)                                            # transformers pools at the argmax id here
+        torch.testing.assert_close(ours(prompts), out.last_hidden_state, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours.pooled(want, ours(prompts)), out.pooler_output, atol=1e-4, rtol=0)
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "red</w>"}))    # SD-2 pads with "!"
     assert md.TextEncoder.from_pretrained(str(folder)).cfg.pad_id == ref_tok.convert_tokens_to_ids("red</w>")
 
