@@ -20,6 +20,7 @@ Layering, imports one way only (each file imports only from files above it in th
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
 import math
@@ -84,6 +85,27 @@ def config_from_args(base, args: argparse.Namespace, prefix: str = ""):
     return dataclasses.replace(base, **given_flags(type(base), args, prefix))
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a file; a missing, unreadable or non-object file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def load_safetensors(path: str) -> dict:
+    """A .safetensors file's tensors (the optional package `safetensors`), a damaged file named in the error."""
+    safetensors = need("safetensors.torch", "safetensors")
+    try:
+        return safetensors.load_file(path)
+    except Exception as e:                                       # safetensors' own error types vary by version
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def read_diffusers_config(folder: str, sub: str, what: str, name: str = "config.json") -> tuple[str, dict]:
     """(the model's folder, its config.json) for a diffusers model folder, or a pipeline folder holding it as
     `sub`/ (save_pretrained's layout); a missing or malformed config file is an error naming the file."""
@@ -91,14 +113,7 @@ def read_diffusers_config(folder: str, sub: str, what: str, name: str = "config.
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {name} (expected a diffusers {what} folder)")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return folder, d
+    return folder, read_json(path)
 
 
 def config_from_dict(cls, d: dict):
@@ -155,8 +170,21 @@ def non_finite(obj, key: str = "") -> str | None:
     return None
 
 
+WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, read-only folder); the message says what was kept."""
+
+
+def refuse_non_finite(obj: dict, path: str, key: str = "") -> dict:
+    """obj (a loaded checkpoint, or a part of it under `key`), refused if any tensor holds NaN/inf: such weights
+    sample black images, and a resumed run would go on from garbage."""
+    bad = non_finite(obj, key)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} holds NaN/inf values; not a usable checkpoint (an earlier one, e.g. "
+                         f"{previous_path(path)}, may be)")
+    return obj
 
 
 def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> None:
@@ -362,12 +390,19 @@ def need(package: str, pip_name: str):
 
 def run_cli(main) -> None:
     """Every script's entry point: bad input (ValueError, FileNotFoundError), a diverged run (FloatingPointError,
-    Diverged) and a checkpoint that cannot be written (CheckpointWriteError) end as one 'error: ...' line on stderr and exit status 2, as argparse's own errors do, not a
-    traceback. main() itself still raises, for callers and tests."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointWriteError) as e:
+    Diverged), a checkpoint that cannot be written (CheckpointWriteError) and a read-only, full or forbidden
+    folder (OSError with one of WRITE_ERRNOS) end as one 'error: ...' line on stderr and exit status 2, as
+    argparse's own errors do, not a traceback. main() itself still raises, for callers and tests."""
+    def fail(message: str):
         for bar in list(getattr(tqdm, "_instances", ())):       # close open progress bars first, so that the
             bar.close()                                          # error is the last line, not a redrawn bar
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    try:
+        main()
+    except (ValueError, FloatingPointError, FileNotFoundError, CheckpointWriteError) as e:
+        fail(str(e))
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        fail(f"{e}; the files already there are as they were (every write is a temporary file, then a rename)")

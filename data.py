@@ -844,6 +844,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets
     (Heusel et al. 2017, the FID formula). Tr((S_a S_b)^(1/2)) is computed exactly as the sum of square roots
     of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which is symmetric PSD (no complex sqrtm needed)."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"Frechet distance needs at least 2 images on each side (a covariance), got {len(a)} "
+                         f"generated and {len(b)} reference")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = torch.cov(a.T), torch.cov(b.T)

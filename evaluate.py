@@ -355,17 +355,33 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"           # torch-f
 
 
 def read_prompts(path: str) -> list[str]:
-    """captions.txt (one per line) or metadata.jsonl (diffusers' layout: a "text" or "caption" field)."""
+    """captions.txt (one per line) or metadata.jsonl (diffusers' layout: a "text" or "caption" field); a bad
+    line or a file without a prompt is an error naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompts {path}: no such file")
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-            bad = [i for i, r in enumerate(rows) if not isinstance(r.get("text", r.get("caption")), str)]
-            if bad:
-                raise ValueError(f"{path}: line {bad[0] + 1} has no 'text' or 'caption' string")
-            return [r.get("text", r.get("caption")) for r in rows]
-        return [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({e})") from None
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts {path}: line {i} is not JSON ({e})") from None
+        text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: line {i} has no 'text' or 'caption' string")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in it (every line is blank)")
+    return prompts
 
 
 def file_sha256(path: str) -> str:
@@ -421,6 +437,10 @@ def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int =
     if fingerprint is not None:
         check_fingerprint(folder, fingerprint, overwrite)
     paths = [os.path.join(folder, f"{i:07d}.png") for i in range(len(prompts))]
+    for p in paths:                                               # a damaged file (zero bytes, not PNG): redone
+        if os.path.isfile(p) and not readable_image(p):
+            print(f"generate: {p} is not a readable image; generating it again")
+            os.remove(p)
     todo = [i for i in range(0, len(prompts), batch) if not all(os.path.isfile(p) for p in paths[i:i + batch])]
     done = sum(os.path.isfile(p) for p in paths)
     for i in tqdm(todo, desc=f"generate ({done} of {len(paths)} already written)"):
@@ -433,11 +453,24 @@ def generate(pipe, prompts: list[str], folder: str, batch: int = 16, seed: int =
     return paths
 
 
+def readable_image(path: str) -> bool:
+    """Whether the file opens as an image (its header only: fast enough for a 30K-image folder; generate's own
+    files are written atomically, so a damaged one is a foreign or emptied file, not a cut-off write)."""
+    try:
+        with Image.open(path):
+            return True
+    except OSError:
+        return False
+
+
 def load_folder(paths: list[str], size: int | None = None) -> torch.Tensor:
     """(N, 3, H, W) uint8 from image files (resized to `size` if given)."""
     out = []
     for p in paths:
-        im = Image.open(p).convert("RGB")
+        try:
+            im = Image.open(p).convert("RGB")
+        except OSError as e:                                      # zero-byte, truncated, not an image
+            raise ValueError(f"{p}: not a readable image ({e}); remove or replace it") from None
         if size:
             im = im.resize((size, size), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
@@ -500,6 +533,9 @@ def eval_setup(args) -> dict:
     else:
         prompts, real = read_prompts(args.prompts)[:args.n or None], None
     refs = list_images(args.ref_dir) if args.ref_dir else None
+    if refs and len(refs) < 2:                                    # checked before anything is generated
+        raise ValueError(f"--ref_dir {args.ref_dir}: {len(refs)} image; a Frechet distance needs at least 2 "
+                         f"reference images (FID-30K uses 30,000)")
     if refs:
         real = load_folder(refs, size=pipe.resolution).float() / 127.5 - 1
     return {"pipe": pipe, "prompts": prompts, "tiny": tiny, "real": real, "refs": refs,

@@ -480,6 +480,10 @@ def main(argv=None):
     for fmt in fmts:
         if args.quantize not in valid[fmt]:
             p.error(f"--quantize {args.quantize!r} is not available for {fmt}: choose from {valid[fmt]}")
+    if "coreml" in fmts:                                          # checked before any conversion work
+        targets = sorted(t for t in dir(need("coremltools", "coremltools").target) if not t.startswith("_"))
+        if args.target not in targets:
+            p.error(f"--target {args.target!r}: not a Core ML deployment target; choose from {', '.join(targets)}")
     print(f"{info['source']} | decoder: {info['decoder']} | {args.resolution}px, latent "
           f"{args.resolution // vae.cfg.factor}, UNet batch {args.unet_batch}")
     os.makedirs(args.out, exist_ok=True)

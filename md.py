@@ -691,8 +691,7 @@ def special_ids(tokenizer_folder: str, vocab: dict) -> tuple[int, int, int]:
     pad = "<|endoftext|>"
     cfg_path = os.path.join(tokenizer_folder, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            p = json.load(f).get("pad_token", pad)
+        p = config.read_json(cfg_path).get("pad_token", pad)
         pad = p.get("content", pad) if isinstance(p, dict) else (p or pad)
     if pad not in vocab:
         raise ValueError(f"{cfg_path}: pad_token {pad!r} is not in the vocabulary")
@@ -758,8 +757,7 @@ class TextEncoder(nn.Module):
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path}: missing (expected a Hugging Face CLIP folder)")
-        with open(cfg_path) as f:
-            hf = json.load(f)
+        hf = config.read_json(cfg_path)
         hf = hf.get("text_config", hf)                            # a full CLIPModel nests the text config
         if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
             raise ValueError(f"{cfg_path}: hidden_act = {hf['hidden_act']!r}; this encoder implements CLIP's quick_gelu")
@@ -773,11 +771,7 @@ class TextEncoder(nn.Module):
         model = cls(cfg, bpe)
         st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(st):
-            try:
-                from safetensors.torch import load_file
-            except ImportError as e:
-                raise ImportError(f"{st} needs the optional package safetensors: pip install safetensors") from e
-            sd = load_file(st)
+            sd = config.load_safetensors(st)
         elif os.path.isfile(pt):
             sd = torch.load(pt, map_location="cpu", weights_only=True)
         else:

@@ -167,7 +167,7 @@ def load_lora(unet: md.UNet, path: str, scale: float = 1.0, fuse: bool = True) -
     """Put the LoRA from `path` on `unet` (in place) with weight `scale` (diffusers' lora_scale): W + scale *
     (alpha / r) * up @ down. fuse: fold it into the weights (no extra cost per step; a one-step model stays a
     plain UNet); else keep the LoRA layers (ufogen.merge_lora folds them later)."""
-    ck = config.load_checkpoint(path)
+    ck = config.refuse_non_finite(config.load_checkpoint(path), path)
     if ck.get("kind") != "lora":
         raise ValueError(f"{path}: not a LoRA file (kind {ck.get('kind')!r}); train.py --stage lora writes one")
     diff = config.config_mismatch(ck["unet"], unet.cfg, ignore=("attn_act", "dropout"))
@@ -283,7 +283,7 @@ def save_adapter(path: str, adapter: Adapter, unet: md.UNet, extra: dict | None 
 
 def load_adapter(path: str, unet: md.UNet) -> Adapter:
     """An adapter file written by train.py --stage adapter, checked against the UNet it will feed."""
-    ck = config.load_checkpoint(path)
+    ck = config.refuse_non_finite(config.load_checkpoint(path), path)
     if ck.get("kind") != "adapter":
         raise ValueError(f"{path}: not an adapter file (kind {ck.get('kind')!r}); train.py --stage adapter writes one")
     if list(ck["unet"]["channels"]) != list(unet.cfg.channels):

@@ -130,6 +130,8 @@ def unet_config_from_diffusers(dc: dict, where: str) -> md.UNetConfig:
     conditioning, a class embedding, other block types ...) is refused, naming the field."""
     def refuse(field, why):
         raise ValueError(f"{where}: {field} = {dc.get(field)!r}: {why}; this UNet implements SD-1.x's layout")
+    if not isinstance(dc.get("block_out_channels"), (list, tuple)) or not dc["block_out_channels"]:
+        refuse("block_out_channels", "a list of channels per level is needed")
     known = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     down, up = dc.get("down_block_types", ()), dc.get("up_block_types", ())
     if not down or any(b not in known for b in down):

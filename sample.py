@@ -334,11 +334,7 @@ def load_vae(path: str) -> vae_lib.VAE:
 
 def finite_weights(state: dict, path: str, key: str) -> dict:
     """A checkpoint's weights, refused if any is NaN or inf (they would sample black images without a word)."""
-    bad = config.non_finite(state)
-    if bad is not None:
-        raise ValueError(f"{path}: weight {key}.{bad} holds NaN/inf values; not a usable checkpoint (an earlier "
-                         f"one, e.g. {config.previous_path(path)}, may be)")
-    return state
+    return config.refuse_non_finite(state, path, key)
 
 
 class Denoiser(torch.nn.Module):

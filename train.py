@@ -703,8 +703,14 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected a value in [0, 1]")
     if not 0 <= cfg.seed < 2 ** 32:
         raise ValueError(f"--seed {cfg.seed}: expected 0 <= seed < 2^32")
-    if cfg.prompts and not os.path.isfile(cfg.prompts):
-        raise ValueError(f"--prompts {cfg.prompts}: no such file")
+    for name, kind in (("prompts", "file"), ("vgg_weights", "file"), ("vae_ckpt", "file"),
+                       ("text_encoder", "folder"), ("vae_diffusers", "folder"), ("init_from", "file or folder")):
+        path = getattr(cfg, name)                                  # named now, not after minutes of work
+        ok = {"file": os.path.isfile, "folder": os.path.isdir, "file or folder": os.path.exists}[kind](path)
+        if path and not ok:
+            raise FileNotFoundError(f"--{name} {path}: no such {kind}")
+    if cfg.prompts:
+        evaluate.read_prompts(cfg.prompts)                         # blank or malformed: refused now
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the checkpoint, or "
                          "replace it")

@@ -190,6 +190,10 @@ def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):
             raise ValueError(f"--train_images {cfg.train_images}: keeps the first N items of a folder in memory; "
                              f"for shards, encode them once with --stage encode and train on --data <latents dir>")
         dataset = encode_dataset(dataset, cfg.train_images, vae, device)
+    sized = not isinstance(dataset, torch.utils.data.IterableDataset)
+    if rank == 0 and sized and len(dataset) < cfg.batch_size:      # said, not silently repeated
+        print(f"{cfg.stage}: note: the training set has {len(dataset)} item(s), fewer than --batch_size "
+              f"{cfg.batch_size}; every batch repeats them")
     stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device,
                           cfg.num_workers, cfg.random_flip)
     return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
@@ -334,7 +338,7 @@ def stage_checkpoint(cfg, path: str, rank: int = 0) -> dict | None:
         if rank == 0:
             print(f"{cfg.stage}: --resume, but no {path} yet: starting this stage from step 0")
         return None
-    ck = load_checkpoint(path)
+    ck = config.refuse_non_finite(load_checkpoint(path), path)      # a resumed run never goes on from NaN
     saved = ck.get("config", {}).get("train", ck.get("train"))
     if saved is None:
         raise ValueError(f"{path}: no training config saved in it; cannot check that --resume continues the same run")

@@ -326,16 +326,9 @@ def load_weights_file(folder: str, name: str = "diffusion_pytorch_model") -> dic
         path = os.path.join(folder, file)
         if not os.path.isfile(path):
             continue
-        if path.endswith(".bin"):
+        if path.endswith(".bin"):                                 # (not mmap: older .bin files are not zip)
             return torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f"{path} needs the optional package safetensors: pip install safetensors") from e
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        return config.load_safetensors(path)
     raise FileNotFoundError(f"{folder}: no {name}.safetensors, .bin or .fp16 variant of either")
 
 

@@ -268,8 +268,8 @@ def test_every_stage_trains_from_a_diffusers_folder_and_exports(sd_folder, tmp_p
     train.main(["--stage", "lora", "--plugin_lora_rank", "2", *common])
     train.main(["--stage", "adapter", "--plugin_adapter_blocks", "1", *common])
     S.Pipeline.from_diffusers(str(sd_folder)).load_lora(str(out / "lora.pt"))
-    # diffusion finetuning from SD-1.5 at lr 1e-30 (no change in fp32): diffusion.pt samples exactly as the folder does (its UNet, VAE,
-    # CLIP and eps schedule carried over)
+    # diffusion finetuning from SD-1.5 at lr 1e-30 (no change in fp32): diffusion.pt samples exactly as the
+    # folder does (its UNet, VAE, CLIP and eps schedule carried over)
     train.main(["--stage", "diffusion", "--lr", "1e-30", *common])
     tuned, base = S.Pipeline.from_checkpoint(str(out / "diffusion.pt")), S.Pipeline.from_diffusers(str(sd_folder))
     assert tuned.sched["cfg"] == base.sched["cfg"]

@@ -252,8 +252,12 @@ def test_the_checkpoint_before_the_last_is_kept_and_named_and_nan_weights_are_re
     state = {k: v.clone() for k, v in ck["model"].items()}
     state["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
     torch.save({**ck, "model": state}, out / "nan.pt")                   # written around save_checkpoint's guard
-    with pytest.raises(ValueError, match=r"nan.pt: weight model.decoder.conv_out.weight holds NaN/inf"):
+    with pytest.raises(ValueError, match=r"nan.pt: model.decoder.conv_out.weight holds NaN/inf"):
         S.load_vae(str(out / "nan.pt"))
+    os.replace(out / "nan.pt", out / "vae.pt")                           # ... and a --resume from it
+    with pytest.raises(ValueError, match=r"vae.pt: model.decoder.conv_out.weight holds NaN/inf .*vae.prev.pt"):
+        train.main([*common, "--steps", "5", "--resume", "true"])
+    os.replace(out / "vae.prev.pt", out / "vae.pt")
     before = (out / "vae.pt").read_bytes()                               # --overwrite keeps the old good one
     train.main([*common, "--steps", "1", "--overwrite", "true"])
     assert (out / "vae.prev.pt").read_bytes() == before
@@ -279,3 +283,162 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: could not be written")
     assert f"the previous {path} is intact" in err[0] and "GiB free" in err[0]
     assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["diffusion.pt"]   # no temp file
+
+
+# --- bad input at every entry point: one error line, exit status 2, the run folder untouched -------------
+
+def snapshot(folder) -> dict:
+    """{relative path: bytes} of every file under folder: what a refused command must leave as it was."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_base):
+    """Files a user could hand the scripts by mistake, made once: blank and malformed prompt files, a zero-byte
+    and a single reference image, a CLIP folder with a corrupt model.safetensors and one with a bad config.json,
+    a VAE folder whose config.json lacks its channels."""
+    from PIL import Image
+    from conftest import make_clip_folder
+    d = tmp_path_factory.mktemp("bad")
+    (d / "blank.txt").write_text("\n  \n\n")
+    (d / "bad.jsonl").write_text('{"text": "a red circle"}\n{not json\n')
+    (d / "zero").mkdir()
+    (d / "zero" / "a.png").write_bytes(b"")
+    Image.new("RGB", (32, 32)).save(d / "zero" / "b.png")
+    (d / "one").mkdir()
+    Image.new("RGB", (32, 32)).save(d / "one" / "a.png")
+    clip, _, _ = make_clip_folder(d, ["red", "circle"])
+    for name, broken in (("clip_corrupt", "model.safetensors"), ("clip_badjson", "config.json")):
+        import shutil
+        shutil.copytree(clip, d / name)
+        (d / name / broken).write_bytes(b"\x00garbage{")
+    (d / "vae_nochannels").mkdir()
+    (d / "vae_nochannels" / "config.json").write_text("{}")
+    return d
+
+
+BAD_INPUTS = [  # (script, argv; {b}: the bad-inputs folder, {o}: a copy of a trained tiny run), message
+    ("train", "--stage diffusion --prompts {b}/blank.txt", "--prompts {b}/blank.txt: no prompts in it"),
+    ("train", "--stage diffusion --prompts {b}/bad.jsonl", "--prompts {b}/bad.jsonl: line 2 is not JSON"),
+    ("train", "--stage diffusion --text_encoder {b}/nowhere", "--text_encoder {b}/nowhere: no such folder"),
+    ("train", "--stage vae --preset md --vgg_weights {b}/vgg16.pth", "--vgg_weights {b}/vgg16.pth: no such file"),
+    ("train", "--stage ufogen --init_from {b}/nowhere.pt", "--init_from {b}/nowhere.pt: no such file or folder"),
+    ("train", "--stage diffusion --text_encoder {b}/clip_corrupt", "clip_corrupt/model.safetensors: not a readable "
+                                                                   "safetensors file"),
+    ("train", "--stage diffusion --text_encoder {b}/clip_badjson", "clip_badjson/config.json: not JSON"),
+    ("train", "--stage diffusion --vae_diffusers {b}/vae_nochannels", "vae_nochannels/config.json: no "
+                                                                      "block_out_channels"),
+    ("sample", "--ckpt {o}/diffusion.pt --prompt x --guidance nan", "--guidance nan: expected a finite number"),
+    ("sample", "--diffusers {b}/nowhere --prompt x", "{b}/nowhere: no such folder"),
+    ("sample", "--diffusers {b} --prompt x", "not a diffusers Stable Diffusion pipeline folder"),
+    ("evaluate", "--ckpt {o}/diffusion.pt --prompts {b}/blank.txt", "no prompts in it"),
+    ("evaluate", "--ckpt {o}/diffusion.pt --ref_dir {b}/zero --n 2", "zero/a.png: not a readable image"),
+    ("evaluate", "--ckpt {o}/diffusion.pt --ref_dir {b}/one --n 2", "1 image; a Frechet distance needs at least 2"),
+    ("export_coreml", "--ckpt {o}/diffusion.pt --components bogus --out {o}/exp", "unknown 'bogus'"),
+    ("export_coreml", "--ckpt {o}/diffusion.pt --repeats 0 --out {o}/exp", "--repeats 0: expected >= 1"),
+    ("export_coreml", "--ckpt {o}/diffusion.pt --threads 0 --out {o}/exp", "--threads 0: expected >= 1"),
+    ("export_coreml", "--ckpt {o}/diffusion.pt --target iOS99 --out {o}/exp", "--target 'iOS99': not a Core ML "
+                                                                              "deployment target"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, argv, named", BAD_INPUTS, ids=[f"{s}:{a.split()[1]}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_error_line_and_changes_nothing(script, argv, named, bad_inputs, tiny_base, tmp_path,
+                                                         capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(tiny_base, out)
+    before = snapshot(out)
+    args = argv.format(b=bad_inputs, o=out).split()
+    fresh = tmp_path / "fresh"                                      # train.py: a new run, on the trained VAE
+    if script == "train":
+        args += ["--out_dir", str(fresh), "--vae_ckpt", str(out / "vae.pt"), "--steps", "1", "--eval_images", "2"]
+    main = {"train": train.main, "sample": S.main, "evaluate": ev.main, "export_coreml": export_coreml.main}[script]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        config.run_cli(lambda: main(args))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    # run_cli's "error: ..." or argparse's usage + "prog: error: ..." (flag validation), never a traceback
+    assert e.value.code == 2 and err and "error: " in err[-1], err
+    assert named.format(b=bad_inputs) in err[-1], err[-1]
+    assert sum("error:" in line for line in err) == 1 and not any("Traceback" in line for line in err), err
+    assert snapshot(out) == before                                  # nothing written, nothing changed
+    assert not fresh.exists() or not snapshot(fresh), snapshot(fresh).keys()
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
+    """SIGKILL in the middle of a run (possibly mid-write): the checkpoint on disk loads, the temp file of the
+    killed writer is removed by the next run, and --resume finishes the stage."""
+    import signal
+    import time
+    out = tmp_path / "kill"
+    cmd = [sys.executable, "train.py", "--stage", "vae", "--steps", "400", "--ckpt_every", "3", "--out_dir", str(out),
+           *COMMON]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "vae.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = config.load_checkpoint(str(out / "vae.pt"))                 # whatever moment it died at
+    assert 3 <= ck["step"] < 400 and config.non_finite(ck) is None
+    r = run_script("train.py", "--stage", "vae", "--steps", str(ck["step"] + 3), "--ckpt_every", "3",
+                   "--out_dir", str(out), "--resume", "true", *COMMON)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert config.load_checkpoint(str(out / "vae.pt"))["step"] == ck["step"] + 3
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_read_only_folder_is_one_error_line(tmp_path, monkeypatch, capsys, tiny_base):
+    """A read-only (or forbidden, or full) out_dir: train.py and evaluate.py end with one line naming the folder.
+    (Tests run as root here, whom chmod does not stop, so the file system's refusal is simulated.)"""
+    import errno
+    ro = tmp_path / "ro"
+    real = os.makedirs
+
+    def refuse(path, *a, **k):
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "makedirs", refuse)
+    for main, argv in ((train.main, ["--stage", "vae", "--steps", "1", "--out_dir", str(ro / "run")]),
+                       (ev.main, ["--ckpt", str(tiny_base / "diffusion.pt"), "--n", "2",
+                                  "--out_dir", str(ro / "eval")])):
+        with pytest.raises(SystemExit) as e:
+            config.run_cli(lambda: main(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "Read-only file system" in err[0] and str(ro) in err[0], err
+        assert "the files already there are as they were" in err[0]
+
+
+@pytest.mark.slow
+def test_a_damaged_image_in_a_resumed_generation_is_made_again(tiny_base, tmp_path, capsys):
+    pipe = S.Pipeline.from_checkpoint(str(tiny_base / "diffusion.pt"))
+    prompts, folder = ["a red circle on a blue background", "a green square on a white background"], tmp_path / "gen"
+    paths = ev.generate(pipe, prompts, str(folder), batch=1, steps=2)
+    first = open(paths[0], "rb").read()
+    open(paths[0], "wb").close()                                    # zero bytes, as a full disk or a tool leaves it
+    ev.generate(pipe, prompts, str(folder), batch=1, steps=2)
+    assert open(paths[0], "rb").read() == first and "not a readable image; generating it again" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fewer_images_than_the_batch_is_said(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i, c in enumerate(((255, 0, 0), (0, 0, 255))):                # one trains, the last is held out
+        Image.new("RGB", (40, 40), c).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a square")
+    train.main(["--stage", "vae", "--data", str(folder), "--steps", "1", "--batch_size", "8",
+                "--out_dir", str(tmp_path / "run"), *COMMON[2:]])
+    assert "vae: note: the training set has 1 item(s), fewer than --batch_size 8" in capsys.readouterr().out
