@@ -739,7 +739,7 @@ def parse_args(argv=None) -> tuple[dict, dict]:
     try:
         for stage in run_stage_names(given.get("stage", TrainConfig.stage)):
             validate(stage_config(given, stage))
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return given, preset_configs(given.get("preset", TrainConfig.preset), args)
 
