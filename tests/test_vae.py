@@ -223,9 +223,10 @@ def test_resume_refuses_a_different_config(tmp_path):
         train.main(run_args(tmp_path, "vae", 3, "--resume", "true", "--vae_latent_channels", "4"))
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:                           # refused with the flags, before any work
         train.main(run_args(tmp_path, "decoder", 2, "--init_from", str(tmp_path / "nope.pt")))
+    assert e.value.code == 2 and f"--init_from {tmp_path / 'nope.pt'}: no such file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
