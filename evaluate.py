@@ -31,6 +31,7 @@ from tqdm import tqdm
 import config
 import data
 import plugins
+import pretrained
 import sample
 import vae as vae_lib
 
@@ -672,7 +673,7 @@ def main(argv=None):
         p.error(f"--seed {args.seed}: expected 0 <= seed < 2^32")
     if not args.ckpt:
         p.error("give --ckpt")
-    if not os.path.isfile(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "model_index.json")):
+    if not os.path.isfile(args.ckpt) and not pretrained.is_pipeline_folder(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file (a train.py checkpoint or a diffusers pipeline folder)")
     if args.guidance:
         return guidance_sweep(args, parse_scales(args.guidance))

@@ -133,15 +133,17 @@ def fold_lora_state(state: dict, scale: float) -> dict:
     plain model's (keys <layer>.weight): what merge_lora(model).state_dict() gives, from the tensors alone. A
     LoRA generator's checkpoint stores its unmerged state (no second copy of the UNet is made to save it) and is
     folded here when loaded. A state without LoRA keys is returned as it is."""
+    layers = {k[:-len(".base.weight")] for k in state if k.endswith(".base.weight")}
     out = {}
     for key, value in state.items():
-        head, dot, leaf = key.rpartition(".")
-        if head.endswith(".base"):
-            layer = head[:-len(".base")]
-            up, down = state.get(f"{layer}.up.weight"), state.get(f"{layer}.down.weight")
-            out[f"{layer}.{leaf}"] = fold(value, up, down, scale) if leaf == "weight" and up is not None else value
-        elif not ((head.endswith(".up") or head.endswith(".down")) and f"{head.rpartition('.')[0]}.base.weight" in state):
-            out[key] = value
+        parts = key.rsplit(".", 2)                                # [layer, "base" | "down" | "up", leaf]
+        if len(parts) == 3 and parts[0] in layers:
+            layer, part, leaf = parts
+            if part == "base":
+                out[f"{layer}.{leaf}"] = (fold(value, state[f"{layer}.up.weight"], state[f"{layer}.down.weight"], scale)
+                                          if leaf == "weight" else value)
+            continue                                              # down / up: folded into the weight
+        out[key] = value
     return out
 
 

@@ -70,17 +70,32 @@ def check_fit(folder: str, unet: md.UNet, vae: vae_lib.VAE, text: md.TextEncoder
 # unet/: a diffusers UNet2DConditionModel (Stable Diffusion 1.x's layout) as md.UNet
 # ----------------------------------------------------------------------------------------------------
 
-def load_unet(folder: str) -> md.UNet:
+def unet_config(folder: str) -> tuple[str, md.UNetConfig]:
+    """(the UNet's folder, its UNetConfig) of a diffusers UNet folder or a pipeline folder holding unet/."""
+    folder, dc = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
+    return folder, unet_config_from_diffusers(dc, os.path.join(folder, "config.json"))
+
+
+def load_unet(folder: str, into: md.UNet | None = None) -> md.UNet:
     """A diffusers `save_pretrained` UNet folder (or a pipeline folder holding unet/): config.json read into
     a UNetConfig (unet_config_from_diffusers), every weight loaded strictly through DIFFUSERS_UNET_KEYS
-    (.safetensors, .bin or their fp16 variants)."""
-    folder, dc = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
-    return unet_from_diffusers_state(dc, vae_lib.load_weights_file(folder), folder)
+    (.safetensors, .bin or their fp16 variants). into: load into this UNet (built for that config by the
+    caller) instead of building one, so that no second copy of the weights is made."""
+    folder, cfg = unet_config(folder)
+    model = md.UNet(cfg) if into is None else into
+    load_diffusers_weights(model, vae_lib.load_weights_file(folder), folder)
+    return model
 
 
 def unet_from_diffusers_state(dc: dict, weights: dict, where: str) -> md.UNet:
     """md.UNet from a UNet2DConditionModel's config dict and state dict (as load_unet reads them from disk)."""
     model = md.UNet(unet_config_from_diffusers(dc, os.path.join(where, "config.json")))
+    load_diffusers_weights(model, weights, where)
+    return model
+
+
+def load_diffusers_weights(model: md.UNet, weights: dict, where: str) -> None:
+    """A UNet2DConditionModel's state dict, renamed by DIFFUSERS_UNET_KEYS, loaded strictly into model."""
     own, state = model.state_dict(), {}
     for key, t in weights.items():
         name = diffusers_unet_key(key)
@@ -94,7 +109,6 @@ def unet_from_diffusers_state(dc: dict, weights: dict, where: str) -> md.UNet:
         raise ValueError(f"{where}: the weights do not fit the UNet its config.json describes: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
     model.load_state_dict(state)
-    return model
 
 
 # diffusers' UNet2DConditionModel names -> ours, applied in order (minGPT's from_pretrained lists its renames).

@@ -124,7 +124,8 @@ def schedule_from_diffusers(folder: str) -> ScheduleConfig:
     for field, bad in (("beta_schedule", betas is None), ("prediction_type", prediction is None),
                        ("trained_betas", dc.get("trained_betas") is not None),
                        ("clip_sample", dc.get("clip_sample", False)), ("thresholding", dc.get("thresholding", False)),
-                       ("timestep_spacing", dc.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"))):
+                       ("timestep_spacing",
+                        dc.get("timestep_spacing", "leading") not in ("leading", "trailing", "linspace"))):
         if bad:
             raise ValueError(f"{where}: {field} = {dc.get(field)!r} is not supported (expected scaled_linear / linear "
                              f"betas, epsilon / v_prediction, no trained_betas, clip_sample or thresholding)")
@@ -328,13 +329,8 @@ def load_vae(path: str) -> vae_lib.VAE:
     if "vae" not in ck.get("config", {}):
         raise ValueError(f"{path}: not a VAE checkpoint (no config['vae']); it was written by stage {ck.get('stage')!r}")
     model = vae_lib.VAE(config.config_from_dict(vae_lib.VAEConfig, ck["config"]["vae"]))
-    model.load_state_dict(finite_weights(ck["model"], path, "model"), source=path)
+    model.load_state_dict(config.refuse_non_finite(ck["model"], path, "model"), source=path)
     return model.eval()
-
-
-def finite_weights(state: dict, path: str, key: str) -> dict:
-    """A checkpoint's weights, refused if any is NaN or inf (they would sample black images without a word)."""
-    return config.refuse_non_finite(state, path, key)
 
 
 class Denoiser(torch.nn.Module):
@@ -357,7 +353,7 @@ class Denoiser(torch.nn.Module):
 def denoiser_weights(ck: dict, key: str, path: str) -> dict:
     """A checkpoint's Denoiser weights ("model" or "ema"), with the LoRA of a LoRA generator folded in
     (train_utils.save_generator keeps it unmerged), refused if not finite."""
-    state = finite_weights(ck[key], path, key)
+    state = config.refuse_non_finite(ck[key], path, key)
     return plugins.fold_lora_state(state, ck["lora_scale"]) if ck.get("lora_scale") else state
 
 
@@ -392,7 +388,7 @@ def load_diffusion(path: str, ema: bool = True):
     model = Denoiser(md.UNet(unet_cfg), text)
     load_denoiser_state(model, denoiser_weights(ck, "ema" if ema else "model", path), path)
     vae = vae_lib.VAE(vcfg)
-    vae.load_state_dict(finite_weights(ck["vae"], path, "vae"), source=path)
+    vae.load_state_dict(config.refuse_non_finite(ck["vae"], path, "vae"), source=path)
     return model.unet.eval(), vae.eval(), model.text.eval(), conf
 
 

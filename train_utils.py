@@ -468,8 +468,7 @@ def from_pipeline_folder(cfg, unet_cfg: md.UNetConfig):
     if not (cfg.init_from and pretrained.is_pipeline_folder(cfg.init_from)):
         return cfg, unet_cfg
     folder = cfg.init_from
-    _, unet_json = config.read_diffusers_config(folder, "unet", "UNet2DConditionModel")
-    own = pretrained.unet_config_from_diffusers(unet_json, os.path.join(folder, "unet", "config.json"))
+    own = pretrained.unet_config(folder)[1]
     unet_cfg = dataclasses.replace(own, attn_act=unet_cfg.attn_act, dropout=unet_cfg.dropout)
     return dataclasses.replace(cfg, text_encoder=cfg.text_encoder or folder,
                                vae_diffusers=cfg.vae_diffusers or folder), unet_cfg
@@ -489,9 +488,9 @@ def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) ->
     """--init_from: another diffusion.pt's EMA weights, or a diffusers SD folder's UNet, for a UNet that may
     differ only in attn_act / dropout."""
     if os.path.isdir(path):
-        unet = pretrained.load_unet(path)
-        refuse_if_mismatch(path, "UNet", dataclasses.asdict(unet.cfg), unet_cfg, ignore=("attn_act", "dropout"))
-        model.unet.load_state_dict(unet.state_dict())
+        own = pretrained.unet_config(path)[1]
+        refuse_if_mismatch(path, "UNet", dataclasses.asdict(own), unet_cfg, ignore=("attn_act", "dropout"))
+        pretrained.load_unet(path, into=model.unet)               # no second SD-sized UNet in memory
         return
     ck = load_checkpoint(path)
     if "unet" not in ck.get("config", {}):
