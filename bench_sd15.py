@@ -106,12 +106,17 @@ def adam_step_seconds(n: int, repeats: int = 2) -> float:
     return (time.time() - t0) / repeats
 
 
-def saved_activation_bytes(resolution: int, batch: int = 1) -> int:
+def saved_activation_bytes(resolution: int, batch: int = 1, grad_checkpoint: bool = False) -> int:
     """Bytes autograd keeps for the backward of UFOGen's G update at SD-1.5 size: G(x_t) -> x0' -> re-noised
     fake -> D(fake) -> loss (the larger of the stage's two graphs; D's own update sees detached inputs). Counted
-    by a saved-tensors hook, each storage once: the activation memory, free of allocator and RSS noise."""
+    by a saved-tensors hook, each storage once: the activation memory, free of allocator and RSS noise. With
+    grad_checkpoint (train.py --grad_checkpoint) what is kept is each block's input (checkpoint saves it
+    through the same hook) and what lies between blocks; one block's recomputation in the backward comes on
+    top, briefly."""
     torch.manual_seed(0)
     g, d = md.UNet(md.PRESETS["sd"]), md.UNet(md.PRESETS["sd"])
+    md.set_grad_checkpointing(g, grad_checkpoint)
+    md.set_grad_checkpointing(d, grad_checkpoint)
     h = resolution // 8
     x, ctx, t = torch.randn(batch, 4, h, h), torch.randn(batch, 77, 768), torch.full((batch,), 999)
     weights = {p.untyped_storage().data_ptr() for m in (g, d) for p in m.parameters()}   # saved, but not activations
@@ -178,18 +183,20 @@ def main(argv=None):
         st = state_bytes(n_unet, n_lora, name == "full")
         rows.append((name, sum(st.values()) / GiB, st))
     act, act512 = (saved_activation_bytes(r) / GiB for r in (args.resolution, 512))
+    act512_ck = saved_activation_bytes(512, grad_checkpoint=True) / GiB
     print(f"\ntraining state (fp32): LoRA rank {args.lora_rank} ({n_lora / 1e6:.1f}M params) {rows[0][1]:.1f} GiB, "
           f"full {rows[1][1]:.1f} GiB")
     print(f"activations of the G update (autograd's saved tensors, fp32): {act:.2f} GiB at {args.resolution}px, "
-          f"{act512:.2f} GiB at 512px, per image")
+          f"{act512:.2f} GiB at 512px, per image; with --grad_checkpoint {act512_ck:.2f} GiB at 512px")
     for name, gib, _ in rows:
-        fit = int(max(80 - gib - 2, 0) // act512)
+        fit, fit_ck = (int(max(80 - gib - 2, 0) // a) for a in (act512, act512_ck))
         print(f"  {name}: one 80 GB GPU holds the {gib:.0f} GiB state + ~{fit} images of 512px activations per "
-              f"micro-batch (without gradient checkpointing)")
+              f"micro-batch ({fit_ck} with --grad_checkpoint)")
     res = {"resolution": args.resolution, "lora_rank": args.lora_rank, "lora_params": n_lora, "runs": results,
            "adam_step_s": adam, "state_gib": {n: g for n, g, _ in rows},
            "state_detail_gib": {n: {k: v / GiB for k, v in st.items()} for n, _, st in rows},
-           "activation_gib_per_image": act, "activation_gib_per_image_512": act512}
+           "activation_gib_per_image": act, "activation_gib_per_image_512": act512,
+           "activation_gib_per_image_512_grad_checkpoint": act512_ck}
     if args.json:
         config.write_json(args.json, res)
 

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -97,11 +98,16 @@ def read_json(path: str) -> dict:
     return d
 
 
-def load_safetensors(path: str) -> dict:
-    """A .safetensors file's tensors (the optional package `safetensors`), a damaged file named in the error."""
-    safetensors = need("safetensors.torch", "safetensors")
+def load_safetensors(path: str, metadata: bool = False):
+    """A .safetensors file's tensors (the optional package `safetensors`; memory-mapped: a tensor is read when
+    used), a damaged file named in the error; with metadata, (tensors, the header's string metadata)."""
+    safetensors, torch_io = need("safetensors", "safetensors"), need("safetensors.torch", "safetensors")
     try:
-        return safetensors.load_file(path)
+        tensors = torch_io.load_file(path)
+        if not metadata:
+            return tensors
+        with safetensors.safe_open(path, "pt") as f:
+            return tensors, f.metadata() or {}
     except Exception as e:                                       # safetensors' own error types vary by version
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
@@ -187,13 +193,13 @@ def refuse_non_finite(obj: dict, path: str, key: str = "") -> dict:
     return obj
 
 
-def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> None:
+def save_checkpoint(path: str, payload: dict, keep_previous: bool = False, write=None) -> None:
     """Atomic: write to a temporary file of this process, then rename over the old one, so a crash mid-write
     (or a second run writing the same path) never leaves a half-written checkpoint in place of the last good
     one. Refuses a payload with non-finite weights: the old file is kept. keep_previous (the training stages):
     the file it replaces becomes previous_path(path), so that the checkpoint from before a divergence, or from
     before an --overwrite run's first save, is still on disk (a hard link: no copy, and no moment without
-    `path`)."""
+    `path`). write(payload, file): torch.save (None), or a safetensors writer (sample.save_weights)."""
     bad = non_finite(payload)
     if bad is not None:
         raise Diverged(f"{path}: not written, {bad} holds NaN/inf values; the previous file (if any) is kept")
@@ -201,7 +207,7 @@ def save_checkpoint(path: str, payload: dict, keep_previous: bool = False) -> No
     tmp, prev_tmp = f"{path}.{os.getpid()}.tmp", f"{previous_path(path)}.{os.getpid()}.tmp"
     try:
         try:
-            torch.save(payload, tmp)
+            (write or torch.save)(payload, tmp)
         except (RuntimeError, OSError) as e:                     # a full disk: torch's "unexpected pos ..."
             folder = os.path.dirname(os.path.abspath(path))
             free = shutil.disk_usage(folder).free / 2 ** 30 if os.path.isdir(folder) else float("nan")
@@ -255,12 +261,17 @@ def refuse_if_mismatch(path: str, what: str, saved: dict, current, ignore: tuple
 
 
 class Log:
-    """metrics.jsonl (one JSON object per logged step) + a tqdm bar; rank 0 only."""
+    """metrics.jsonl (one JSON object per logged step) + a tqdm bar; rank 0 only. out_dir None (train.py
+    --bench): no file is read or written. `times`: the wall-clock time of each step() call, the step times
+    of the benchmark (a step's metrics are floats by then, so an accelerator has finished it)."""
 
-    def __init__(self, out_dir: str, stage: str, steps: int, start: int, rank: int):
-        self.rank, self.stage = rank, stage
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if rank == 0 and os.path.isfile(self.path):
+    def __init__(self, out_dir: str | None, stage: str, steps: int, start: int, rank: int):
+        self.rank, self.stage, self.out_dir = rank, stage, out_dir
+        self.path = os.path.join(out_dir or ".", "metrics.jsonl")
+        self.times = [time.perf_counter()]
+        if out_dir is None:
+            self.rank = -1                                         # as a rank that writes nothing
+        if self.rank == 0 and os.path.isfile(self.path):
             self.drop_rows_after(start)
         self.bar = tqdm(total=steps, initial=start, desc=stage, disable=rank != 0, dynamic_ncols=True)
 
@@ -281,9 +292,11 @@ class Log:
         return row.get("stage") == self.stage and row.get("step", 0) > start
 
     def step(self, step: int, metrics: dict, write: bool):
+        metrics = {k: v for k, v in metrics.items() if v is not None}     # (no grad_norm of a skipped step)
         for k, v in metrics.items():                           # every step, logged or not: stop at the first NaN
             if isinstance(v, float) and not math.isfinite(v):
                 raise diverged(self.stage, os.path.dirname(self.path), k, v, step)
+        self.times.append(time.perf_counter())
         self.bar.update(1)
         if self.rank == 0 and write:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})

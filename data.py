@@ -820,6 +820,17 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+# Pixels per call of a network on whole images outside the training step (the VAE encoder for cached latents
+# and validation, reconstruction and sampling for the reports): the md VAE's outer feature maps are
+# 128 x H x W, so 64 images of 512px in one call would need ~9 GB per tensor.
+CALL_PIXELS = 2 ** 20
+
+
+def images_per_call(resolution: int, most: int) -> int:
+    """`most` images per call up to 64px (the tiny run's batches), fewer above: 16 at 256px, 4 at 512px."""
+    return max(1, min(most, CALL_PIXELS // resolution ** 2))
+
+
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> Image.Image:
     """(N, 3, H, W) in [-1, 1] -> one PIL image, `nrow` images per row, white gutters."""
     n, _, h, w = images.shape

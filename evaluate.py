@@ -40,8 +40,9 @@ import vae as vae_lib
 
 
 @torch.no_grad()
-def reconstruct(model: vae_lib.VAE, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """decode(encode(x).mode()), batched: (N, 3, H, W) -> (N, 3, H, W)."""
+def reconstruct(model: vae_lib.VAE, images: torch.Tensor) -> torch.Tensor:
+    """decode(encode(x).mode()), batched (data.images_per_call): (N, 3, H, W) -> (N, 3, H, W)."""
+    batch = data.images_per_call(images.shape[-1], 64)
     return torch.cat([model.decode(model.encode(images[i:i + batch]).mode()) for i in range(0, len(images), batch)])
 
 
@@ -69,8 +70,10 @@ def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor |
                  **sample_kw) -> dict:
     """Attribute accuracy (data.check_attributes vs the prompt; `checker`: the synthetic shapes only) of generated
     images, wall ms per image, and with `real` images the Frechet distance on pixel features ("fd"). Per-image
-    tensors among sample_kw (cond, init, mask: one row per prompt) are batched with their prompts."""
+    tensors among sample_kw (cond, init, mask: one row per prompt) are batched with their prompts, in batches
+    of at most `batch` (fewer at high resolutions: data.images_per_call)."""
     images, t0 = [], time.perf_counter()
+    batch = data.images_per_call(sample_kw.get("height") or pipe.resolution, batch)
     for i in range(0, len(prompts), batch):
         kw = {k: v[i:i + batch] if torch.is_tensor(v) and len(v) == len(prompts) else v for k, v in sample_kw.items()}
         images.append(pipe.images(prompts[i:i + batch], seed=i, **kw).cpu())
@@ -650,7 +653,8 @@ def guidance_sweep(args, scales: list[float]) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description="MobileDiffusion evaluation: FID / CLIP score / checker accuracy, and "
                                             "5.2's sweep over guidance scales (the paper's tables: report.py)")
-    p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt) or a diffusers "
+    p.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, distill.pt, ufogen.pt, or its "
+                   "<stage>.safetensors inference weights) or a diffusers "
                                   "SD-1.x folder (outputs go beside it unless --out_dir)")
     p.add_argument("--sampler", default="ddim50", choices=sorted(sample.SAMPLING))
     p.add_argument("--prompts", help="captions.txt or metadata.jsonl (default: the synthetic held-out prompts)")

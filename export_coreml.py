@@ -165,7 +165,7 @@ def load_pipeline(ckpt: str | None, preset: str | None, decoder: str | None):
     weights of a preset. info["schedule"]: the sampling schedule the app must run (sample.ScheduleConfig)."""
     if ckpt:
         if not os.path.isfile(ckpt) and not pretrained.is_pipeline_folder(ckpt):
-            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py, "
+            raise FileNotFoundError(f"--ckpt {ckpt}: no such file (a diffusion.pt / ufogen.pt / distill.pt from train.py or its .safetensors, "
                                     f"or a diffusers pipeline folder with model_index.json)")
         unet, vae, text, conf = sample.load_diffusion(ckpt)
         light = decoder or os.path.join(os.path.dirname(ckpt.rstrip("/")), "decoder.pt")
@@ -436,7 +436,7 @@ def write_manifest(out_dir: str, comps: list[Component], text, vae, info: dict, 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export MobileDiffusion components to Core ML / LiteRT and time them (Table 4)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="a diffusion.pt / ufogen.pt / distill.pt written by train.py, or a diffusers "
+    src.add_argument("--ckpt", help="a diffusion.pt / ufogen.pt / distill.pt written by train.py (or its <stage>.safetensors), or a diffusers "
                                     "Stable Diffusion 1.x folder")
     src.add_argument("--preset", help=f"random weights of a UNet preset: {sorted(md.PRESETS)}")
     p.add_argument("--decoder", help="a light decoder.pt (default: decoder.pt next to --ckpt, if any)")

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import config
@@ -351,10 +352,29 @@ class Block(nn.Module):
         sa = cfg.self_attn[level] if sa is None else sa           # the level's 3.2 SA/CA switches,
         ca = cfg.cross_attn[level] if ca is None else ca          # unless given (SD's mid block has both)
         self.attn = Transformer2D(c_out, depth, cfg, sa, ca) if depth > 0 and (sa or ca) else None
+        self.grad_checkpoint = False                              # set_grad_checkpointing
 
     def forward(self, x, temb, context):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, temb, context, use_reentrant=False)
+        return self._forward(x, temb, context)
+
+    def _forward(self, x, temb, context):
         x = self.conv(x, temb)
         return x if self.attn is None else self.attn(x, context)
+
+
+def set_grad_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
+    """Gradient checkpointing (Chen et al. 2016) of every Block in `model` (a UNet, or UFOGen's D built from
+    one): a Block keeps only its inputs for the backward and recomputes its residual block and transformer
+    stack there, so training activations shrink to about one Block's at a time for one more forward of
+    compute (~1.33x a step's FLOPs). For 512px and UFOGen's full finetune, where activations do not fit
+    (train.py --grad_checkpoint; the memory saved: docs/results.md). Dropout draws the same mask in the
+    recomputation (checkpoint restores the RNG state). Returns model."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.grad_checkpoint = on
+    return model
 
 
 class UNet(nn.Module):

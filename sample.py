@@ -22,6 +22,9 @@ Run it:
 
 import argparse
 import dataclasses
+import importlib.util
+import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -357,9 +360,10 @@ def denoiser_weights(ck: dict, key: str, path: str) -> dict:
     return plugins.fold_lora_state(state, ck["lora_scale"]) if ck.get("lora_scale") else state
 
 
-def load_denoiser_state(model: Denoiser, state: dict, source: str) -> None:
-    """Load a Denoiser state; only the weights of a text encoder read from a folder may be absent."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def load_denoiser_state(model: Denoiser, state: dict, source: str, assign: bool = False) -> None:
+    """Load a Denoiser state; only the weights of a text encoder read from a folder may be absent. assign: the
+    model takes the state's tensors instead of copying them (load_diffusion's meta-device model)."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if not (model.text.source and k.startswith("text."))]
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
@@ -371,25 +375,87 @@ def trainable_state(model: Denoiser) -> dict:
 
 
 def load_diffusion(path: str, ema: bool = True):
-    """(unet, vae, text_encoder, saved config dict) from a diffusion.pt written by the diffusion stage
-    (or a ufogen.pt / distill.pt, which share its format), or from a diffusers Stable Diffusion pipeline
-    folder (pretrained.py; its scheduler_config.json becomes conf["schedule"])."""
+    """(unet, vae, text_encoder, saved config dict) from a diffusion.pt written by the diffusion stage (or a
+    ufogen.pt / distill.pt, which share its format), from its inference weights (<stage>.safetensors,
+    save_weights), or from a diffusers Stable Diffusion pipeline folder (pretrained.py; its
+    scheduler_config.json becomes conf["schedule"]). The UNet and VAE are built without memory (on the meta
+    device) and take the file's memory-mapped tensors as their own (assign), so loading costs about the
+    model's size in RAM, once: no random initialisation, no second copy."""
     if os.path.isdir(path):
         unet, vae, text, conf = pretrained.load_models(path)
         conf["schedule"] = dataclasses.asdict(schedule_from_diffusers(path))
         return unet, vae, text, conf
-    ck = config.load_checkpoint(path)
-    conf = ck.get("config", {})
-    if "unet" not in conf:
-        raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
+    if is_weights_file(path):
+        tensors, conf = read_weights(path)
+        den = {k: v for k, v in tensors.items() if not k.startswith("vae.")}
+        vae_state = {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}
+    else:
+        ck = config.load_checkpoint(path)
+        conf = ck.get("config", {})
+        if "unet" not in conf:
+            raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
+        den = denoiser_weights(ck, "ema" if ema else "model", path)
+        vae_state = config.refuse_non_finite(ck["vae"], path, "vae")
     unet_cfg, tcfg = config.config_from_dict(md.UNetConfig, conf["unet"]), config.config_from_dict(md.TextConfig, conf["text"])
     vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
-    model = Denoiser(md.UNet(unet_cfg), text)
-    load_denoiser_state(model, denoiser_weights(ck, "ema" if ema else "model", path), path)
-    vae = vae_lib.VAE(vcfg)
-    vae.load_state_dict(config.refuse_non_finite(ck["vae"], path, "vae"), source=path)
+    with torch.device("meta"):                                    # shapes only: the weights come from the file
+        model, vae = Denoiser(md.UNet(unet_cfg), text), vae_lib.VAE(vcfg)
+    load_denoiser_state(model, den, path, assign=True)
+    vae.load_state_dict(vae_state, assign=True)
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers(), vae.named_parameters(),
+                                          vae.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: no weights for {left[:4]}")
     return model.unet.eval(), vae.eval(), model.text.eval(), conf
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference weights: what sampling needs and nothing else (no discriminator, optimisers or raw weights)
+# ----------------------------------------------------------------------------------------------------
+
+WEIGHTS_FORMAT = "mobilediffusion-weights/1"
+
+
+def weights_path(ckpt: str) -> str:
+    """Where the inference weights of a train.py checkpoint go: <stage>.safetensors beside it, or
+    <stage>.weights.pt where the optional safetensors package is missing."""
+    stem = os.path.splitext(ckpt)[0]
+    return stem + (".safetensors" if importlib.util.find_spec("safetensors") else ".weights.pt")
+
+
+def is_weights_file(path: str) -> bool:
+    return path.endswith((".safetensors", ".weights.pt")) and os.path.isfile(path)
+
+
+def save_weights(path: str, unet: md.UNet, vae, text: md.TextEncoder, conf: dict) -> None:
+    """The sampler's EMA weights (UNet, a trained text encoder; a CLIP read from a folder is named in conf
+    and reloads from there), the whole VAE (the decoder samples, the encoder serves image-to-image and
+    inpainting) and the configs (what load_diffusion reads: unet, text, vae, train, schedule) in one file,
+    written atomically. safetensors keeps the configs as JSON in its header's metadata; a 386M md model
+    is then 1.5 GB of fp32 weights (+ its VAE) instead of a ufogen.pt's ~10 GB."""
+    tensors = {**trainable_state(Denoiser(unet, text)), **{f"vae.{k}": v for k, v in vae.state_dict().items()}}
+    if path.endswith(".safetensors"):
+        st = config.need("safetensors.torch", "safetensors")
+        meta = {"format": WEIGHTS_FORMAT, "config": json.dumps(conf)}
+        config.save_checkpoint(path, {k: v.contiguous() for k, v in tensors.items()},
+                               write=lambda obj, tmp: st.save_file(obj, tmp, metadata=meta))
+    else:
+        config.save_checkpoint(path, {"format": WEIGHTS_FORMAT, "config": conf, "weights": tensors})
+
+
+def read_weights(path: str) -> tuple[dict, dict]:
+    """(tensors, config) of a save_weights file, memory-mapped; refused if not one or not finite."""
+    if path.endswith(".safetensors"):
+        tensors, meta = config.load_safetensors(path, metadata=True)
+        fmt, conf = meta.get("format"), json.loads(meta.get("config", "{}"))
+    else:
+        ck = config.load_checkpoint(path)
+        fmt, conf, tensors = ck.get("format"), ck.get("config", {}), ck.get("weights", {})
+    if fmt != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not a MobileDiffusion weights file (format {fmt!r}, expected {WEIGHTS_FORMAT!r}; "
+                         f"train.py --export_weights writes one)")
+    return config.refuse_non_finite(tensors, path), conf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -578,7 +644,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Text-to-image with a trained MobileDiffusion checkpoint: writes the image "
                                             "(one) or a grid of them (several)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt)")
+    src.add_argument("--ckpt", help="a checkpoint written by train.py (diffusion.pt, ufogen.pt, distill.pt) or its "
+                     "inference weights (<stage>.safetensors: loads in the model's size of RAM)")
     src.add_argument("--diffusers", help="a local Stable Diffusion 1.x folder in diffusers' save_pretrained layout")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative_prompt", default="")

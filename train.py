@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -46,13 +47,14 @@ import plugins
 import sample
 import ufogen
 import vae as vae_lib            # `vae` is the model's name in every loop
-from train_utils import (Meter, autocast, build_text_encoder, build_vae_for_diffusion, check_compatible,
-                         clip_and_step, describe_denoiser, diffusion_noise, due, ema_update, ema_warmup,
-                         estimate_minutes, finish_stage, from_pipeline_folder, gan_optimizers,
-                         generator_schedule, grid_prompts, init_denoiser, init_schedule, latent_batch,
-                         latent_macs, light_from_teacher, load_base, make_optimizer, make_perceptual,
-                         micro_slice, null_context, one_latent, progress_grid, restore, resume_autoencoder,
-                         resume_diffusion, save_autoencoder, save_diffusion, save_generator, set_lr, setup,
+from train_utils import (BENCH_WARMUP, BenchDone, LossScaler, Meter, autocast, build_text_encoder,
+                         build_vae_for_diffusion, check_compatible, clip_and_step, describe_denoiser,
+                         diffusion_noise, due, ema_update, ema_warmup, estimate_minutes, export_weights,
+                         finish_stage, from_pipeline_folder, gan_optimizers, generator_schedule, grid_prompts,
+                         init_denoiser, init_schedule, latent_batch, latent_macs, light_from_teacher,
+                         load_base, make_optimizer, make_perceptual, micro_slice, null_context, one_latent,
+                         progress_grid, restore, release_freed_memory, resume_autoencoder, resume_diffusion,
+                         save_autoencoder, save_diffusion, save_due, save_generator, set_lr, setup,
                          share_frozen, stage_checkpoint, stage_data, step_generator, to_latents, vae_macs,
                          validation_batch, validation_loss, wrap, yields_latents)
 
@@ -84,6 +86,10 @@ class TrainConfig:
     lr_schedule: str = "cosine"      # after warm-up: cosine (to min_lr_frac * lr at the end) or constant
     min_lr_frac: float = 0.1         # nanoGPT: min_lr = lr / 10
     dtype: str = "auto"              # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16
+    loss_scale: float = 65536.0      # fp16: the loss scaler's initial scale (torch.amp.GradScaler's 2^16)
+    fused: str = "auto"              # AdamW's fused kernel: auto (on CUDA) | on | off (train_utils.fused)
+    grad_checkpoint: bool = False    # recompute each UNet block in the backward (md.set_grad_checkpointing):
+                                     # activations / ~5-10 for ~1.33x the compute (docs/results.md)
     compile: bool = False            # torch.compile the trained network
     resume: bool = False             # continue this stage from out_dir/<stage>.pt
     overwrite: bool = False          # train a stage again although out_dir/<stage>.pt exists (replaces it)
@@ -107,6 +113,11 @@ class TrainConfig:
     sample_every: int = 500          # sample / reconstruction grid every N steps (0 = only at the end)
     ckpt_every: int = 500
     eval_images: int = 128           # held-out images for the end-of-stage evaluation
+    bench: int = 0                   # N > 0: time N steps of --stage (after BENCH_WARMUP), print step time,
+                                     # images/s, TFLOP/s, MFU and memory; no file written (train_utils)
+    peak_tflops: float = 0.0         # --bench: the device's dense peak for MFU (0: GPU_PEAKS / measured CPU)
+    export_weights: bool = False     # only write <stage>.safetensors (inference weights) from out_dir's
+                                     # diffusion.pt / ufogen.pt / distill.pt (--stage: which; all: each there)
     num_workers: int = 0             # DataLoader workers (real image folders)
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | mps
@@ -114,6 +125,8 @@ class TrainConfig:
 
 STAGES = ("vae", "decoder", "encode", "diffusion", "ufogen", "distill", "lora", "adapter")
 ALL_STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")   # --stage all, the tiny end-to-end run
+BENCH_STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")   # --bench: one of these
+WEIGHT_STAGES = ("diffusion", "ufogen", "distill")                # the stages with inference weights
 
 # Each stage's values of the tiny CPU run (times: docs/results.md), over TrainConfig's defaults; a flag given
 # on the command line wins over both.
@@ -139,11 +152,17 @@ ENCODE_CHUNK = 4096                  # --stage encode on a folder: items per lat
 
 
 def stage_config(given: dict, stage: str) -> TrainConfig:
-    """One stage's config: TrainConfig's defaults, then STAGE_DEFAULTS[stage], then the flags given."""
+    """One stage's config: TrainConfig's defaults, then STAGE_DEFAULTS[stage], then the flags given. --bench N:
+    BENCH_WARMUP + N steps, no grids; on the shapes, one batch of cached latents, so that a step is the
+    networks' own work (not the rendering and the VAE encoder)."""
     cfg = TrainConfig(**{**STAGE_DEFAULTS[stage], **given, "stage": stage})
     cacheable = cfg.data == "shapes" and stage in CACHED_STAGES and cfg.steps * cfg.batch_size > SHAPES_CACHE
     if "train_images" not in given and cacheable:
         cfg = dataclasses.replace(cfg, train_images=SHAPES_CACHE)
+    if cfg.bench:
+        cached = cfg.batch_size if cfg.data == "shapes" and stage in CACHED_STAGES else cfg.train_images
+        cfg = dataclasses.replace(cfg, steps=BENCH_WARMUP + cfg.bench, sample_every=0,
+                                  train_images=given.get("train_images", cached))
     return cfg
 
 
@@ -158,7 +177,8 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
     model = vae_lib.VAE(vcfg).to(device)
     disc = vae_lib.PatchDiscriminator(vcfg).to(device)
     opt, opt_d = gan_optimizers(model.parameters(), disc, cfg)
-    start = resume_autoencoder(cfg, path, vcfg, model, disc, opt, opt_d, rank)
+    scaler = LossScaler(cfg, device)                                      # fp16 only
+    start = resume_autoencoder(cfg, path, vcfg, model, disc, opt, opt_d, scaler, rank)
     perceptual = make_perceptual(cfg, vcfg, rank, device)
     net, dnet = wrap(model, cfg, world, device), wrap(disc, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device)
@@ -178,24 +198,24 @@ def train_vae(cfg: TrainConfig, vcfg: vae_lib.VAEConfig, rank: int, world: int, 
                     adv, g_adv = vae_lib.adversarial_term(rec, dnet(recon), vcfg, last_layer)
                     loss = loss + adv
                     meter.add(g_adv=g_adv)
-            (loss / cfg.grad_accum).backward()
+            scaler.backward(loss / cfg.grad_accum)
             if use_disc:                                                 # D: real vs detached reconstructions
                 with autocast(cfg, device):
                     d_loss = vae_lib.d_hinge_loss(dnet(x), dnet(recon.detach()))
-                (d_loss / cfg.grad_accum).backward()
+                scaler.backward(d_loss / cfg.grad_accum)
                 meter.add(d_loss=d_loss)
             meter.add(loss=loss, l2=vae_lib.l2_loss(recon.detach(), x), kl=kl)
-        clip_and_step(model.parameters(), opt, cfg, step)
+        clip_and_step(model.parameters(), opt, cfg, step, scaler)
         if use_disc:
-            clip_and_step(disc.parameters(), opt_d, cfg, step)
-        log.step(step + 1, {**meter.mean(), "lr": lr}, write=due(step, cfg.log_every, cfg))
+            clip_and_step(disc.parameters(), opt_d, cfg, step, scaler)
+        log.step(step + 1, {**meter.mean(), "lr": lr, **scaler.update(step)}, write=due(step, cfg.log_every, cfg))
         done = step + 1 == cfg.steps
         if rank == 0 and done:
             # SD's latent scaling: 1 / std of posterior samples on training images, stored with the weights.
             images = torch.stack([x for x, _ in data.first_items(dataset, 256)]).to(device)
             vcfg.scaling_factor = vae_lib.estimate_scaling_factor(model, images, cfg.seed)
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_autoencoder(path, cfg, step + 1, model, vcfg, disc, opt, opt_d)
+        if rank == 0 and save_due(step, cfg):
+            save_autoencoder(path, cfg, step + 1, model, vcfg, disc, opt, opt_d, scaler)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
             evaluate.save_recon_grid(cfg, [model], os.path.join(cfg.out_dir, f"vae_recon_{step + 1:06d}.png"))
             log.record(step + 1, {"val_psnr_db": evaluate.heldout_psnr(cfg, model, device)})
@@ -223,7 +243,8 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     disc = vae_lib.PatchDiscriminator(light_cfg).to(device)
     opt, opt_d = gan_optimizers(trainable, disc, cfg)
-    start = resume_autoencoder(cfg, path, light_cfg, model, disc, opt, opt_d, rank)
+    scaler = LossScaler(cfg, device)
+    start = resume_autoencoder(cfg, path, light_cfg, model, disc, opt, opt_d, scaler, rank)
     perceptual = make_perceptual(cfg, light_cfg, rank, device)
     dec, dnet = wrap(model.decoder, cfg, world, device), wrap(disc, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device)
@@ -245,19 +266,19 @@ def train_decoder(cfg: TrainConfig, light_cfg: vae_lib.VAEConfig, teacher_path: 
                     adv, g_adv = vae_lib.adversarial_term(rec, dnet(light), light_cfg, last_layer)
                     loss = loss + adv
                     meter.add(g_adv=g_adv)
-            (loss / cfg.grad_accum).backward()
+            scaler.backward(loss / cfg.grad_accum)
             if use_disc:
                 with autocast(cfg, device):
                     d_loss = vae_lib.d_hinge_loss(dnet(x), dnet(light.detach()))
-                (d_loss / cfg.grad_accum).backward()
+                scaler.backward(d_loss / cfg.grad_accum)
                 meter.add(d_loss=d_loss)
             meter.add(loss=loss, l2=vae_lib.l2_loss(light.detach(), x))
-        clip_and_step(trainable, opt, cfg, step)
+        clip_and_step(trainable, opt, cfg, step, scaler)
         if use_disc:
-            clip_and_step(disc.parameters(), opt_d, cfg, step)
-        log.step(step + 1, {**meter.mean(), "lr": lr}, write=due(step, cfg.log_every, cfg))
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_autoencoder(path, cfg, step + 1, model, light_cfg, disc, opt, opt_d)
+            clip_and_step(disc.parameters(), opt_d, cfg, step, scaler)
+        log.step(step + 1, {**meter.mean(), "lr": lr, **scaler.update(step)}, write=due(step, cfg.log_every, cfg))
+        if rank == 0 and save_due(step, cfg):
+            save_autoencoder(path, cfg, step + 1, model, light_cfg, disc, opt, opt_d, scaler)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             grid = os.path.join(cfg.out_dir, f"decoder_recon_{step + 1:06d}.png")
             evaluate.save_recon_grid(cfg, [teacher, model], grid)
@@ -358,16 +379,17 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     if cfg.init_from:                                   # 256 -> 512px, 3.2's softmax -> relu, or SD-1.5
         init_denoiser(model, cfg.init_from, unet_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
+    md.set_grad_checkpointing(model.unet, cfg.grad_checkpoint)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg, cfg.lr)
-    start = resume_diffusion(cfg, path, model, ema, opt, rank, sched)
+    opt, scaler = make_optimizer(params, cfg, cfg.lr), LossScaler(cfg, device)
+    start = resume_diffusion(cfg, path, model, ema, opt, scaler, rank, sched)
     if rank == 0:
         describe_denoiser(model, cfg, vae, device)
     net = wrap(model, cfg, world, device)
+    val = validation_batch(cfg, vae) if rank == 0 else None       # held-out latents, t and noise, fixed
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     latent_shape = tuple(one_latent(cfg, vae, "cpu").shape[1:])       # (c, H/f, W/f)
     prompts = grid_prompts(cfg, dataset)
-    val = validation_batch(cfg, vae) if rank == 0 else None       # held-out latents, t and noise, fixed
     meter, t0, seen = Meter(world, device), time.time(), 0
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
@@ -382,16 +404,17 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
             with autocast(cfg, device):
                 x_t = sample.q_sample(sched, z0, t, eps)
                 loss = sample.diffusion_loss(sched, net(x_t, t, ids), z0, t, eps, cfg.min_snr)
-            (loss / cfg.grad_accum).backward()
+            scaler.backward(loss / cfg.grad_accum)
             meter.add(loss=loss)
-        gnorm = clip_and_step(params, opt, cfg, step)
+        gnorm = clip_and_step(params, opt, cfg, step, scaler)
         ema_update(ema, model, ema_warmup(cfg, step))
         seen += cfg.batch_size
-        m = {**meter.mean(), "lr": lr, "grad_norm": gnorm, "img_per_s": seen / (time.time() - t0)}
+        m = {**meter.mean(), "lr": lr, "grad_norm": gnorm, "img_per_s": seen / (time.time() - t0),
+             **scaler.update(step)}
         log.step(step + 1, m, write=due(step, cfg.log_every, cfg))
         done = step + 1 == cfg.steps
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            save_diffusion(path, cfg, step + 1, model, ema, opt, vae, sched)
+        if rank == 0 and save_due(step, cfg):
+            save_diffusion(path, cfg, step + 1, model, ema, opt, scaler, vae, sched)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
             log.record(step + 1, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
             progress_grid(cfg, ema.unet, vae, ema.text, sched, device, prompts, step + 1, steps=20,
@@ -405,6 +428,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         finish_stage(cfg, log, start, t0, device, 6 * macs, ["loss", "val_loss"])
         pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
         evaluate.diffusion_report(cfg, pipe)             # the checker on the synthetic shapes only
+        export_weights(path)
     return path
 
 
@@ -425,14 +449,17 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     else:
         g_params = list(gen.parameters())
     gen_ema = share_frozen(copy.deepcopy(gen), gen).requires_grad_(False)        # Eq. 3, and sampling
-    opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    d_lr = cfg.lr * ufo_cfg.d_lr_mult
-    opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=(0.0, cfg.beta2))   # UFOGen: D's beta1 0
+    md.set_grad_checkpointing(gen, cfg.grad_checkpoint)                           # G and D alike
+    md.set_grad_checkpointing(disc, cfg.grad_checkpoint)
+    adam = dict(kind=torch.optim.Adam, weight_decay=0.0)                                   # UFOGen's code
+    opt_g = make_optimizer(g_params, cfg, cfg.lr, **adam)
+    opt_d = make_optimizer(disc.parameters(), cfg, cfg.lr * ufo_cfg.d_lr_mult, (0.0, cfg.beta2), **adam)  # D: beta1 0
+    scaler = LossScaler(cfg, device)                                 # one scale for both players' losses
     path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
     ck = stage_checkpoint(cfg, path, rank)
     if ck is not None:
         config.refuse_if_mismatch(path, "UFOGen", ck["config"]["ufogen"], ufo_cfg)
-        start = restore(ck, g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d)
+        start = restore(ck, g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if rank == 0:
         how = f"LoRA rank {ufo_cfg.lora_rank}" if ufo_cfg.lora_rank else "full finetuning"
         n_g = sum(p.numel() for p in g_params)
@@ -468,7 +495,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                     logits_real, logits_fake = d_net(real, t_d, ctx), d_net(fake.detach(), t_d, ctx)
                     loss_d = ufogen.d_loss(logits_real, logits_fake, ufo_cfg.logit_clamp)
             if d_step:
-                (loss_d / cfg.grad_accum).backward()
+                scaler.backward(loss_d / cfg.grad_accum)
                 meter.add(d_loss=loss_d)
             with autocast(cfg, device):
                 # G step: adversarial through a frozen D, plus lambda * (gamma_t) * reconstruction.
@@ -478,18 +505,18 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                 weighted = ufogen.recon_weighted(ufo_cfg)
                 loss_rec = ufogen.recon_loss(x0_pred.float(), target, t, sched, weighted=weighted)
                 loss_g = loss_adv + ufo_cfg.lam * loss_rec
-            (loss_g / cfg.grad_accum).backward()
+            scaler.backward(loss_g / cfg.grad_accum)
             meter.add(g_adv=loss_adv, recon=loss_rec)
         disc.requires_grad_(True)
         if d_step:                                        # (G's backward left no grads in D: it was frozen)
-            clip_and_step(disc.parameters(), opt_d, cfg, step)
-        clip_and_step(g_params, opt_g, cfg, step)
+            clip_and_step(disc.parameters(), opt_d, cfg, step, scaler)
+        clip_and_step(g_params, opt_g, cfg, step, scaler)
         ema_update(gen_ema, gen, ufo_cfg.g_ema_decay)
-        log.step(step + 1, meter.mean(), write=due(step, cfg.log_every, cfg))
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
+        log.step(step + 1, {**meter.mean(), **scaler.update(step)}, write=due(step, cfg.log_every, cfg))
+        if rank == 0 and save_due(step, cfg):
             save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf,
                            {"ufogen": ufo_cfg, "schedule": sched["cfg"]},
-                           g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d)
+                           g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1,
                           **sample.SAMPLING["onestep"])
@@ -502,6 +529,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         # Free G, D and their optimisers first: at the md preset they are ~14 GB; the report loads two more.
         del gen, gen_ema, disc, g_net, d_net, opt_g, opt_d, g_params, teacher, unet
         evaluate.one_step_report(cfg, base, path, device)
+        export_weights(path)
     return path
 
 
@@ -517,15 +545,16 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
     teacher = unet.requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     student_ema = copy.deepcopy(student).requires_grad_(False)
+    md.set_grad_checkpointing(student, cfg.grad_checkpoint)
     sched = generator_schedule(base_conf)
     ts = sample.timesteps(sched, dcfg.target_steps) + [-1]
     sub = max(dcfg.teacher_steps // dcfg.target_steps, 1)
-    opt = make_optimizer(student.parameters(), cfg, cfg.lr)
+    opt, scaler = make_optimizer(student.parameters(), cfg, cfg.lr), LossScaler(cfg, device)
     path, start = os.path.join(cfg.out_dir, "distill.pt"), 0
     ck = stage_checkpoint(cfg, path, rank)
     if ck is not None:
         config.refuse_if_mismatch(path, "distillation", ck["config"]["distill"], dcfg)
-        start = restore(ck, g_raw=student, g_ema_raw=student_ema, opt_g=opt)
+        start = restore(ck, g_raw=student, g_ema_raw=student_ema, opt_g=opt, scaler=scaler)
     net = wrap(student, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     prompts = grid_prompts(cfg, dataset)
@@ -548,15 +577,16 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
                 # gamma_t-weighted: the x0 error times gamma_t is the student's own loss (v: the weighting
                 # progressive distillation uses, "SNR+1", Salimans & Ho 2022); not one of Eq. 2/3.
                 loss = ufogen.recon_loss(x0_pred.float(), target, tb, sched, weighted=True)
-            (loss / cfg.grad_accum).backward()
+            scaler.backward(loss / cfg.grad_accum)
             meter.add(loss=loss)
-        clip_and_step(list(student.parameters()), opt, cfg, step)
+        clip_and_step(list(student.parameters()), opt, cfg, step, scaler)
         ema_update(student_ema, student, ema_warmup(cfg, step))
-        log.step(step + 1, {**meter.mean(), "t": float(t), "lr": lr}, write=due(step, cfg.log_every, cfg))
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
+        log.step(step + 1, {**meter.mean(), "t": float(t), "lr": lr, **scaler.update(step)},
+                 write=due(step, cfg.log_every, cfg))
+        if rank == 0 and save_due(step, cfg):
             save_generator(path, cfg, step + 1, student, student_ema, text, vae, base_conf,
                            {"distill": dcfg, "schedule": sched["cfg"]},
-                           g_raw=student, g_ema_raw=student_ema, opt_g=opt)
+                           g_raw=student, g_ema_raw=student_ema, opt_g=opt, scaler=scaler)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             progress_grid(cfg, student_ema, vae, text, sched, device, prompts, step + 1,
                           **sample.SAMPLING["eight_step"])
@@ -567,6 +597,7 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
         del student, student_ema, net, opt, teacher, unet                # room for the report (md: GBs)
         evaluate.few_step_report(cfg, sample.Pipeline.from_checkpoint(path, device), dcfg.target_steps)
+        export_weights(path)
     return path
 
 
@@ -582,6 +613,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
     base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
     unet.requires_grad_(False)
     sched, adapter = sample.make_schedule(sample.schedule_config(base_conf)), None
+    md.set_grad_checkpointing(unet, cfg.grad_checkpoint)         # the plugin's gradients pass through it
     if cfg.stage == "lora":
         params = plugins.add_lora(unet, pcfg.lora_rank, pcfg.lora_alpha, pcfg.lora_convs)
         net = wrap(unet, cfg, world, device)
@@ -589,13 +621,13 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
         adapter = plugins.Adapter(unet.cfg, vae.cfg.factor, 1, pcfg.adapter_blocks).to(device)
         params = list(adapter.parameters())
         net = wrap(adapter, cfg, world, device)
-    opt = make_optimizer(params, cfg, cfg.lr)
+    opt, scaler = make_optimizer(params, cfg, cfg.lr), LossScaler(cfg, device)
     path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
     ck = stage_checkpoint(cfg, path, rank)
     if ck is not None:
         if adapter is None:
             unet.load_state_dict(ck["state"], strict=False)                  # the LoRA factors only
-        start = restore(ck, opt=opt, **({} if adapter is None else {"state": adapter}))
+        start = restore(ck, opt=opt, scaler=scaler, **({} if adapter is None else {"state": adapter}))
     if rank == 0:
         n = sum(p.numel() for p in params)
         print(f"{cfg.stage}: {n / 1e6:.3f}M trained params on the frozen base {base} ({cfg.style} data)")
@@ -618,13 +650,14 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
                 else:
                     v = unet(x_t, t, ctx, features=net(plugins.edges(x, pcfg.edge_threshold)))
                 loss = sample.diffusion_loss(sched, v, z0, t, eps, cfg.min_snr)
-            (loss / cfg.grad_accum).backward()
+            scaler.backward(loss / cfg.grad_accum)
             meter.add(loss=loss)
-        gnorm = clip_and_step(params, opt, cfg, step)
-        m = {**meter.mean(), "lr": lr, "grad_norm": gnorm}
+        gnorm = clip_and_step(params, opt, cfg, step, scaler)
+        m = {**meter.mean(), "lr": lr, "grad_norm": gnorm, **scaler.update(step)}
         log.step(step + 1, m, write=due(step, cfg.log_every, cfg))
-        if rank == 0 and due(step, cfg.ckpt_every, cfg):
-            extra = dict(step=step + 1, opt=opt.state_dict(), base=base, train=dataclasses.asdict(cfg))
+        if rank == 0 and save_due(step, cfg):
+            extra = dict(step=step + 1, opt=opt.state_dict(), scaler=scaler.state_dict(), base=base,
+                         train=dataclasses.asdict(cfg))
             if adapter is None:
                 plugins.save_lora(path, unet, pcfg, extra)
             else:
@@ -674,7 +707,7 @@ def preset_configs(preset: str, args) -> dict:
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 CHOICES = {"stage": STAGES + ("all",), "dtype": DTYPES, "lr_schedule": ("cosine", "constant"),
-           "style": ("plain", "outlined", "mixed")}
+           "style": ("plain", "outlined", "mixed"), "fused": ("auto", "on", "off")}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -683,6 +716,8 @@ def validate(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):                      # --lr nan / inf would pass every range check
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise ValueError(f"--{f.name} {getattr(cfg, f.name)}: expected a finite number")
+    if cfg.loss_scale <= 0:
+        raise ValueError(f"--loss_scale {cfg.loss_scale}: expected > 0")
     for name in ("steps", "batch_size", "lr"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected > 0 (leave it out for the stage's "
@@ -694,7 +729,8 @@ def validate(cfg: TrainConfig) -> None:
                          f"has f = 8)")
     at_least = {"grad_accum": 1, "log_every": 1, "ckpt_every": 1, "eval_images": 1, "eval_steps": 1,
                 "sample_every": 0, "warmup": 0, "num_workers": 0, "weight_decay": 0, "grad_clip": 0,
-                "guidance": 0, "train_images": 0, "min_snr": 0, "min_size": 0, "shuffle_buffer": 1}
+                "guidance": 0, "train_images": 0, "min_snr": 0, "min_size": 0, "shuffle_buffer": 1,
+                "bench": 0, "peak_tflops": 0}
     for name, lo in at_least.items():
         if getattr(cfg, name) < lo:
             raise ValueError(f"--{name} {getattr(cfg, name)}: expected >= {lo}")
@@ -736,6 +772,11 @@ def parse_args(argv=None) -> tuple[dict, dict]:
         config.add_config_flags(p, cls, prefix, shown=PRESETS["tiny"][group], note="tiny preset")
     args = p.parse_args(argv)
     given = config.given_flags(TrainConfig, args)
+    stage = given.get("stage", TrainConfig.stage)
+    if given.get("bench") and stage not in BENCH_STAGES:
+        p.error(f"--bench {given['bench']}: times one training stage; give --stage, one of {', '.join(BENCH_STAGES)}")
+    if given.get("export_weights") and stage not in WEIGHT_STAGES + ("all",):
+        p.error(f"--export_weights: for the denoiser stages: --stage one of {', '.join(WEIGHT_STAGES)} or all")
     try:
         for stage in run_stage_names(given.get("stage", TrainConfig.stage)):
             validate(stage_config(given, stage))
@@ -749,10 +790,64 @@ def main(argv=None):
     run = TrainConfig(**given)
     rank, world, device = setup(run)
     os.makedirs(run.out_dir, exist_ok=True)
-    with config.out_dir_lock(run.out_dir, rank):
-        run_stages(run, given, nets, rank, world, device)
+    with config.out_dir_lock(run.out_dir, rank), tempfile.TemporaryDirectory() as tmp:
+        if run.export_weights:
+            export_stages(run)
+        elif run.bench:
+            if device == "cpu":
+                release_freed_memory()
+            given = {**given, **bench_inputs(run, nets, tmp)}
+            try:
+                run_stages(TrainConfig(**given), given, nets, rank, world, device)
+            except BenchDone:                                      # the timed loop is all a benchmark runs
+                pass
+        else:
+            run_stages(run, given, nets, rank, world, device)
     if world > 1:
         dist.destroy_process_group()
+
+
+def export_stages(run: TrainConfig) -> None:
+    """--export_weights: <stage>.safetensors from each denoiser checkpoint of out_dir that --stage names."""
+    paths = [os.path.join(run.out_dir, f"{st}.pt") for st in run_stage_names(run.stage) if st in WEIGHT_STAGES]
+    found = [p for p in paths if os.path.isfile(p)]
+    if not found:
+        raise FileNotFoundError(f"--export_weights: no checkpoint to export ({', '.join(paths)} not found)")
+    for path in found:
+        export_weights(path)
+
+
+def bench_inputs(run: TrainConfig, nets: dict, tmp: str) -> dict:
+    """--bench: what the stage reads from out_dir (or its flags) and is not there, made at random in `tmp`
+    (a step's time does not depend on the weights): the VAE of the diffusion stage and the decoder's teacher
+    (vae.pt), the base of ufogen / distill / lora / adapter (inference weights of a random UNet). Returns
+    the flags that point the stage at them."""
+    stage, out = run.stage, run.out_dir
+    torch.manual_seed(run.seed)
+    vae_path = os.path.join(tmp, "vae.pt")
+    if stage == "decoder" and not run.init_from and not os.path.isfile(os.path.join(out, "vae.pt")):
+        config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
+                                          "config": {"vae": dataclasses.asdict(nets["vae"])}})
+        print(f"bench: no {out}/vae.pt: a random {run.preset} VAE as the teacher")
+        return {"init_from": vae_path}
+    own_vae = [os.path.join(out, f) for f in ("decoder.pt", "vae.pt")] + [run.vae_ckpt, run.vae_diffusers]
+    if stage == "diffusion" and not any(p and os.path.exists(p) for p in own_vae):
+        config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
+                                          "config": {"vae": dataclasses.asdict(nets["vae"])}})
+        print(f"bench: no VAE in {out}: a random {run.preset} VAE")
+        return {"vae_ckpt": vae_path}
+    base = run.init_from or os.path.join(out, "diffusion.pt")
+    if stage in ("ufogen", "distill", "lora", "adapter") and not os.path.exists(base):
+        text = build_text_encoder(run, nets["text"])
+        unet_cfg = dataclasses.replace(nets["unet"], context_dim=text.cfg.width, in_channels=nets["vae"].latent_channels)
+        conf = {"unet": dataclasses.asdict(unet_cfg), "text": dataclasses.asdict(text.cfg),
+                "vae": dataclasses.asdict(nets["vae"]), "schedule": dataclasses.asdict(sample.ScheduleConfig()),
+                "train": {"stage": "diffusion", "resolution": run.resolution, "text_encoder": run.text_encoder}}
+        path = sample.weights_path(os.path.join(tmp, "diffusion.pt"))
+        sample.save_weights(path, md.UNet(unet_cfg), vae_lib.VAE(nets["vae"]), text, conf)
+        print(f"bench: no {base}: a random {run.preset} base model")
+        return {"init_from": path}
+    return {}
 
 
 def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int, device: str) -> None:

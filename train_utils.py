@@ -54,14 +54,69 @@ def setup(cfg):
     return rank, world, device
 
 
+def amp_dtype(cfg, device: str) -> str:
+    """The run's compute dtype: --dtype, with auto = bf16 on GPUs that have it, else fp32 (CPU: exact fp32)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def autocast(cfg, device: str):
-    """bf16 autocast where it helps (GPUs); a no-op context on CPU, so the tiny run is exact fp32."""
-    dt = cfg.dtype
-    if dt == "auto":
-        dt = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    """bf16 / fp16 autocast (amp_dtype); a no-op context for fp32, so the tiny run on CPU is exact fp32."""
+    dt = amp_dtype(cfg, device)
     if dt == "fp32":
         return nullcontext()
     return torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dt])
+
+
+class LossScaler:
+    """fp16's dynamic loss scale (torch.amp.GradScaler, as nanoGPT and diffusers use it): fp16 has 5 exponent
+    bits, so small gradients underflow to 0 unless the loss is multiplied by a large scale S before backward;
+    the gradients are divided by S again (unscale) before clipping and the step. When a gradient overflows
+    (inf / NaN) the step is skipped and S halved; after 2000 clean steps S doubles. bf16 has fp32's exponent
+    range and needs none of this: then (and for fp32) every method is a pass-through. A step skipped for an
+    overflow is counted (`skipped`, logged as skipped_steps with loss_scale), and the state goes into the
+    stage's checkpoint, so a resumed run continues with the same S. MAX_IN_A_ROW skipped steps in a row are
+    a divergence (S would only shrink towards 0), not an overflow."""
+
+    MAX_IN_A_ROW = 25
+
+    def __init__(self, cfg, device: str):
+        self.cfg, self.device, self.enabled = cfg, device, amp_dtype(cfg, device) == "fp16"
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], init_scale=cfg.loss_scale, enabled=self.enabled)
+        self.skipped, self.in_a_row, self.overflow = 0, 0, False
+        self.opts = []                                       # the optimisers stepped so far (clip_and_step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.cfg.bench and self.opts:                    # what the forward left for its backward (bench_report):
+            grads = sum(p.grad.nbytes for o in self.opts for g in o.param_groups for p in g["params"]
+                        if p.grad is not None)              # (UFOGen: D's, before G's backward; accumulation)
+            used = memory_now(self.device) - BENCH["after_step"] - grads
+            BENCH["activations"] = max(BENCH["activations"], used)
+        self.scaler.scale(loss).backward()                  # fp16: (S * loss).backward(); else loss.backward()
+
+    def update(self, step: int) -> dict:
+        """After every optimiser of the step has stepped: the new scale; what the log gets (fp16 only)."""
+        if not self.enabled:
+            return {}
+        self.scaler.update()
+        self.skipped += self.overflow
+        self.in_a_row = self.in_a_row + 1 if self.overflow else 0
+        self.overflow = False
+        if self.in_a_row >= self.MAX_IN_A_ROW:
+            raise diverged(self.cfg.stage, self.cfg.out_dir, f"fp16 gradient ({self.in_a_row} overflows in a row; "
+                           f"loss scale", self.scaler.get_scale(), step + 1)
+        return {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped}
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of an fp32 / bf16 run (or one from before the scaler existed) has no scale to restore:
+        a run resumed in fp16 starts from --loss_scale."""
+        if self.enabled and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            self.skipped = state.get("skipped", 0)
 
 
 def wrap(model, cfg, world: int, device: str):
@@ -97,9 +152,22 @@ def set_lr(step: int, cfg, *opts) -> float:
     return lr
 
 
-def make_optimizer(params, cfg, lr: float, betas=None):
-    """5.1: AdamW (weight decay cfg.weight_decay)."""
-    return torch.optim.AdamW(params, lr=lr, betas=betas or (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+def fused(cfg, params) -> bool:
+    """--fused: AdamW's fused kernel, one kernel over every parameter instead of a loop of ops per tensor.
+    auto = on CUDA (as nanoGPT), off on CPU: the CPU kernel exists (7x faster over 100M params on 2 cores,
+    docs/results.md) but rounds differently in the last bit, and the tiny run's documented numbers are the
+    foreach kernel's; --fused on takes it on CPU."""
+    if cfg.fused == "off":
+        return False
+    return cfg.fused == "on" or all(p.is_cuda for p in params)
+
+
+def make_optimizer(params, cfg, lr: float, betas=None, kind=torch.optim.AdamW, weight_decay=None):
+    """5.1: AdamW (weight decay cfg.weight_decay); fused where --fused says (fused)."""
+    params = list(params)
+    return kind(params, lr=lr, betas=betas or (cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
+                fused=fused(cfg, params) or None)
 
 
 def gan_optimizers(params, disc, cfg):
@@ -109,15 +177,24 @@ def gan_optimizers(params, disc, cfg):
             make_optimizer(disc.parameters(), cfg, cfg.lr, betas=(0.5, 0.9)))
 
 
-def clip_and_step(params, opt, cfg, step: int) -> float:
-    """Clip the global gradient norm and step; a non-finite norm (a NaN or inf loss, or an overflow) stops the
-    stage before the update reaches the weights (Diverged)."""
+def clip_and_step(params, opt, cfg, step: int, scaler: LossScaler) -> float | None:
+    """Unscale (fp16), clip the global gradient norm and step; returns the norm. A non-finite norm is an
+    overflow under fp16's loss scale: the scaler skips the step (LossScaler) and None is returned. Otherwise
+    (a NaN or inf loss) it stops the stage before the update reaches the weights (Diverged)."""
+    params = list(params)
+    if opt not in scaler.opts:
+        scaler.opts.append(opt)
+    scaler.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if not math.isfinite(float(norm)):
-        raise diverged(cfg.stage, cfg.out_dir, "gradient norm", float(norm), step + 1)
-    opt.step()
+        if not scaler.enabled:
+            raise diverged(cfg.stage, cfg.out_dir, "gradient norm", float(norm), step + 1)
+        scaler.overflow = True                               # GradScaler.step below skips opt.step()
+    scaler.scaler.step(opt)
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    if cfg.bench:
+        BENCH["after_step"] = memory_now(scaler.device)
+    return None if scaler.overflow else float(norm)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -196,7 +273,11 @@ def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):
               f"{cfg.batch_size}; every batch repeats them")
     stream = data.batches(dataset, cfg.batch_size, cfg.grad_accum, cfg.seed, rank, world, start, device,
                           cfg.num_workers, cfg.random_flip)
-    return dataset, stream, config.Log(cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+    log = config.Log(None if cfg.bench else cfg.out_dir, cfg.stage, cfg.steps, start, rank)
+    if cfg.bench:                                                 # weights, EMA, frozen nets; no Adam state yet
+        BENCH.update(start=memory_now(device), after_step=memory_now(device), activations=0)
+        reset_peak(device)
+    return dataset, stream, log
 
 
 def yields_latents(dataset) -> bool:
@@ -215,10 +296,11 @@ def check_latents(folder: str, vae) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(dataset, n: int, vae, device: str, batch: int = 256) -> data.Latents:
+def encode_dataset(dataset, n: int, vae, device: str) -> data.Latents:
     """The first n items as (scaled posterior-mean latent, caption) pairs: the VAE runs once per image instead
     of once per step, and the images are rendered or decoded from disk once."""
     latents, captions = [], []
+    batch = data.images_per_call(dataset[0][0].shape[-1], 256)
     for i in range(0, min(n, len(dataset)), batch):
         items = [dataset[j] for j in range(i, min(i + batch, n, len(dataset)))]
         x = torch.stack([im for im, _ in items]).to(device)
@@ -247,6 +329,12 @@ def due(step: int, every: int, cfg) -> bool:
     return (step + 1) % every == 0 or step + 1 == cfg.steps
 
 
+def save_due(step: int, cfg) -> bool:
+    """Whether the stage's checkpoint is written after step `step`: every ckpt_every and at the last; never in
+    a --bench run."""
+    return not cfg.bench and due(step, cfg.ckpt_every, cfg)
+
+
 def grid_prompts(cfg, dataset, n: int = 8) -> list[str]:
     """The prompts of the progress grids: --prompts FILE, else n held-out captions and n training captions."""
     if cfg.prompts:
@@ -262,7 +350,8 @@ def validation_batch(cfg, vae, n: int = 64):
     held = data.make_dataset(cfg.data, "heldout", cfg.resolution)
     items = [held[i] for i in range(min(n, len(held)))]
     x = torch.stack([im for im, _ in items]).to(next(vae.parameters()).device)
-    z0 = to_latents(x, vae, cached=False)
+    chunks = x.split(data.images_per_call(cfg.resolution, 64))                      # (one call at 32px)
+    z0 = torch.cat([to_latents(c, vae, cached=False) for c in chunks])
     rng = torch.Generator().manual_seed(12345)
     t = torch.randint(0, sample.T, (len(items),), generator=rng).to(z0.device)
     eps = torch.randn(z0.shape, generator=rng).to(z0.device)
@@ -322,13 +411,16 @@ class Meter:
 # how often to log / sample / save / evaluate, and where and how fast it runs. Any other difference (seed,
 # batch size, lr, resolution, data, ...) would silently make the checkpoint a mix of two runs: refused.
 RESUMABLE = ("steps", "resume", "overwrite", "log_every", "sample_every", "ckpt_every", "eval_images", "eval_steps",
-             "guidance", "num_workers", "device", "compile", "dtype", "init_from", "out_dir")
+             "guidance", "num_workers", "device", "compile", "dtype", "init_from", "out_dir", "fused",
+             "grad_checkpoint", "loss_scale", "bench", "export_weights")
 
 
 def stage_checkpoint(cfg, path: str, rank: int = 0) -> dict | None:
     """What a stage starts from: with --resume, its checkpoint (refused if its training config differs from this
     run's in a field outside RESUMABLE; a stage not begun yet starts fresh, so `--stage all --resume` goes on
     after any stage). Without --resume, None, refusing to replace an existing checkpoint unless --overwrite."""
+    if cfg.bench:                                                  # a benchmark neither reads nor writes it
+        return None
     if not cfg.resume:
         if os.path.isfile(path) and not cfg.overwrite:
             raise ValueError(f"{path} exists: give --resume to continue it, or --overwrite to train {cfg.stage} again "
@@ -347,39 +439,42 @@ def stage_checkpoint(cfg, path: str, rank: int = 0) -> dict | None:
 
 
 def restore(ck: dict, **parts) -> int:
-    """Load a resumed checkpoint's states into the given modules and optimisers (keyword = the checkpoint key);
-    returns the step to go on from."""
+    """Load a resumed checkpoint's states into the given modules, optimisers and LossScaler (keyword = the
+    checkpoint key; a checkpoint from before the scaler existed has none); returns the step to go on from."""
     for key, obj in parts.items():
-        obj.load_state_dict(ck[key])
+        obj.load_state_dict(ck.get(key, {}) if key == "scaler" else ck[key])
     return ck["step"]
 
 
-def resume_autoencoder(cfg, path: str, vcfg, model, disc, opt, opt_d, rank: int) -> int:
-    """Restore a vae/decoder stage (VAE, discriminator, both optimisers, RNG); returns the step to go on from."""
+def resume_autoencoder(cfg, path: str, vcfg, model, disc, opt, opt_d, scaler, rank: int) -> int:
+    """Restore a vae/decoder stage (VAE, discriminator, both optimisers, loss scale, RNG); returns the step to go
+    on from."""
     ck = stage_checkpoint(cfg, path, rank)
     if ck is None:
         return 0
     refuse_if_mismatch(path, "VAE", ck["config"]["vae"], vcfg, ignore=("scaling_factor",))  # re-estimated
     model.load_state_dict(ck["model"], source=path)
     torch.set_rng_state(ck["rng"]["torch"])
-    return restore(ck, disc=disc, opt=opt, opt_d=opt_d)
+    return restore(ck, disc=disc, opt=opt, opt_d=opt_d, scaler=scaler)
 
 
-def save_autoencoder(path: str, cfg, step: int, model, vcfg, disc, opt, opt_d) -> None:
+def save_autoencoder(path: str, cfg, step: int, model, vcfg, disc, opt, opt_d, scaler) -> None:
     """vae.pt / decoder.pt: what sample.load_vae reads (model, config['vae']) and what --resume needs."""
     save_checkpoint(path, keep_previous=True, payload={
         "stage": cfg.stage, "step": step, "model": model.state_dict(), "disc": disc.state_dict(),
-        "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
         "config": {"vae": dataclasses.asdict(vcfg), "train": dataclasses.asdict(cfg)}})
 
 
-def save_diffusion(path: str, cfg, step: int, model, ema, opt, vae, sched: dict) -> None:
+def save_diffusion(path: str, cfg, step: int, model, ema, opt, scaler, vae, sched: dict) -> None:
     """diffusion.pt: the Denoiser and its EMA (without a text encoder read from a folder), the frozen VAE, the
     configs (what sample.load_diffusion reads: UNet, text, VAE, run, schedule) and the optimiser and RNG for
     --resume."""
     save_checkpoint(path, keep_previous=True, payload={
         "stage": cfg.stage, "step": step, "model": sample.trainable_state(model), "ema": sample.trainable_state(ema),
-        "opt": opt.state_dict(), "vae": vae.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        "opt": opt.state_dict(), "scaler": scaler.state_dict(), "vae": vae.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
         "config": {"unet": dataclasses.asdict(model.unet.cfg), "text": dataclasses.asdict(model.text.cfg),
                    "vae": dataclasses.asdict(vae.cfg), "train": dataclasses.asdict(cfg),
                    "schedule": dataclasses.asdict(sched["cfg"])}})
@@ -401,6 +496,20 @@ def save_generator(path: str, cfg, step: int, gen, gen_ema, text, vae, base_conf
         "lora": plugins.lora_state_dict(gen),
         "config": {**base_conf, "train": dataclasses.asdict(cfg),
                    **{k: dataclasses.asdict(v) for k, v in stage_conf.items()}}})
+
+
+def export_weights(ckpt: str) -> str:
+    """<stage>.safetensors beside a diffusion.pt / ufogen.pt / distill.pt (sample.save_weights): its EMA
+    weights (a LoRA generator's folded in) and configs, none of the training state; what sample.py,
+    evaluate.py and export_coreml.py load at the model's size in RAM. Written at the end of each of those
+    stages, and by `train.py --export_weights` for any checkpoint already there. Returns its path."""
+    unet, vae, text, conf = sample.load_diffusion(ckpt, ema=True)
+    out = sample.weights_path(ckpt)
+    sample.save_weights(out, unet, vae, text, conf)
+    mib = lambda p: os.path.getsize(p) / 2 ** 20
+    print(f"{conf['train'].get('stage', '?')}: inference weights -> {out} ({mib(out):.1f} MiB; the training "
+          f"checkpoint {ckpt}: {mib(ckpt):.1f} MiB)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,9 +542,15 @@ def light_from_teacher(light_cfg, teacher):
     return model
 
 
+# --bench without --text_encoder: a random encoder of CLIP-ViT/L14's size, with word tokens (no vocabulary file).
+BENCH_TEXT = dataclasses.replace(md.TEXT_PRESETS["clip-l14"], tokenizer="words")
+
+
 def build_text_encoder(cfg, text_cfg: md.TextConfig) -> md.TextEncoder:
     if cfg.text_encoder:
         return md.TextEncoder.from_pretrained(cfg.text_encoder)
+    if cfg.preset != "tiny" and cfg.bench:                      # a step's time needs CLIP's shape, not its files
+        return md.TextEncoder(BENCH_TEXT).requires_grad_(False)     # frozen, as CLIP (3)
     if cfg.preset != "tiny":
         raise ValueError(f"--preset {cfg.preset} conditions on CLIP-ViT/L14 (3): give a local Hugging Face CLIP folder "
                          f"with --text_encoder path/to/clip-vit-large-patch14 (no downloads at run time)")
@@ -499,9 +614,9 @@ def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) ->
     sample.load_denoiser_state(model, sample.denoiser_weights(ck, "ema", path), path)
 
 
-def resume_diffusion(cfg, path: str, model, ema, opt, rank: int, sched: dict) -> int:
-    """Restore a diffusion stage (Denoiser, EMA, optimiser, RNG), refusing a changed UNet, text encoder or
-    schedule."""
+def resume_diffusion(cfg, path: str, model, ema, opt, scaler, rank: int, sched: dict) -> int:
+    """Restore a diffusion stage (Denoiser, EMA, optimiser, loss scale, RNG), refusing a changed UNet, text
+    encoder or schedule."""
     ck = stage_checkpoint(cfg, path, rank)
     if ck is None:
         return 0
@@ -511,7 +626,7 @@ def resume_diffusion(cfg, path: str, model, ema, opt, rank: int, sched: dict) ->
     sample.load_denoiser_state(model, ck["model"], path)
     sample.load_denoiser_state(ema, ck["ema"], path)
     torch.set_rng_state(ck["rng"]["torch"])                       # (the noise itself comes from (seed, step))
-    return restore(ck, opt=opt)
+    return restore(ck, opt=opt, scaler=scaler)
 
 
 def load_base(cfg, device: str):
@@ -579,7 +694,11 @@ def vae_macs(model: vae_lib.VAE, cfg, part: str = "all") -> float:
 
 def finish_stage(cfg, log, start: int, t0: float, device: str, flops_per_image: float, curves: list[str]) -> None:
     """Rank 0, after the loop: the stage's time, images/s and share of the machine's peak (times.json), and its
-    loss curves (loss_<stage>.png). flops_per_image: 2 FLOPs per MAC of each forward, twice that per backward."""
+    loss curves (loss_<stage>.png). flops_per_image: 2 FLOPs per MAC of each forward, twice that per backward.
+    A --bench run prints bench_report instead and ends the stage here (BenchDone)."""
+    if cfg.bench:
+        bench_report(cfg, log, flops_per_image, device)
+        raise BenchDone
     evaluate.throughput_report(cfg, cfg.steps - start, time.time() - t0, flops_per_image, device)
     evaluate.plot_curves(log.path, os.path.join(cfg.out_dir, f"loss_{cfg.stage}.png"), cfg.stage, curves)
 
@@ -599,3 +718,159 @@ def estimate_minutes(stage_cfgs: dict, default_steps: dict, device: str) -> str:
     per = {st: m * stage_cfgs[st].steps / default_steps[st] * scale for st, m in STAGE_MINUTES.items()}
     return (f"estimated total: {sum(per.values()):.1f} min on this CPU (matmul peak {peak:.0f} GFLOP/s; "
             + ", ".join(f"{st} {m:.1f}" for st, m in per.items()) + ")")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The benchmark (train.py --stage S --bench N): a stage's own loop, timed, with MFU and memory
+# ----------------------------------------------------------------------------------------------------
+
+# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s, (bf16, fp16, tf32), from the vendors' datasheets
+# (NVIDIA H100 / H200 / A100 / L40S / L4 / A10 / V100 / T4 datasheets, the Ada and Ampere GeForce whitepapers'
+# "FP16 Tensor TFLOPS with FP32 accumulate", AMD's MI300X datasheet); the sparse figures they headline are
+# twice these. The first name contained in torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
+# None: no such tensor-core path (V100 and T4 have no bf16; their fp32 runs without tensor cores).
+GPU_PEAKS = [
+    ("H100 PCIe", (756.0, 756.0, 378.0)), ("H100", (989.4, 989.4, 494.7)), ("H200", (989.4, 989.4, 494.7)),
+    ("A100", (312.0, 312.0, 156.0)), ("L40S", (362.1, 362.1, 183.0)), ("L4", (121.0, 121.0, 60.0)),
+    ("A10", (125.0, 125.0, 62.5)), ("RTX 4090", (165.2, 165.2, 82.6)), ("RTX 3090", (71.0, 71.0, 35.6)),
+    ("A6000", (154.8, 154.8, 77.4)), ("V100-PCIE", (None, 112.0, None)), ("V100", (None, 125.0, None)),
+    ("T4", (None, 65.0, None)), ("MI300X", (1307.4, 1307.4, 653.7)),
+]
+BENCH_WARMUP = 3                     # untimed steps first: allocator warm-up, cuDNN autotuning, torch.compile
+BENCH = {}                           # memory_now() at the loop's start and after each optimiser step; the most
+                                     # memory a backward found in use beyond the last step's (LossScaler.backward)
+GPU_SIZES_GB = (24, 40, 80, 141)     # the micro-batch table's memory sizes (L4/4090, A100-40, A100/H100-80, H200)
+
+
+class BenchDone(Exception):
+    """Raised by finish_stage in a --bench run: the stage stops after its timed loop (no report, no file)."""
+
+
+def device_peak(cfg, device: str) -> tuple[float, str]:
+    """(peak TFLOP/s for this run's dtype, where the number comes from) for MFU: --peak_tflops, else GPU_PEAKS
+    by device name, else (CPU) the measured fp32 matmul peak (evaluate.matmul_peak). nan if unknown."""
+    dt = amp_dtype(cfg, device)
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops, "--peak_tflops"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        col = {"bf16": 0, "fp16": 1, "fp32": 2}[dt]
+        for key, peaks in GPU_PEAKS:
+            if key in name:
+                if peaks[col] is None:
+                    return float("nan"), f"{name} has no {dt} tensor cores"
+                what = "tf32" if dt == "fp32" else dt
+                return peaks[col], f"{name}, {what} dense, datasheet (GPU_PEAKS)"
+        return float("nan"), f"{name} is not in GPU_PEAKS; give --peak_tflops"
+    if device.startswith("cpu"):
+        return evaluate.matmul_peak(device) / 1e3, "this CPU's measured fp32 matmul (evaluate.matmul_peak)"
+    return float("nan"), f"no peak known for {device}; give --peak_tflops"
+
+
+def memory_now(device: str) -> int:
+    """Bytes in use: CUDA's allocated tensors, or this process's resident set (CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak(device: str) -> None:
+    """Start memory_peak's high-water mark afresh (CPU: Linux's clear_refs 5 resets the process's VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def release_freed_memory() -> None:
+    """CPU: make glibc's malloc give every allocation over 64 KiB its own mapping, returned to the system when
+    freed (mallopt M_MMAP_THRESHOLD), so that the resident set follows the live tensors and --bench's memory
+    figures mean what CUDA's would; by default freed blocks stay in malloc's heap and the resident set only
+    grows. A no-op where the C library is not glibc."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)                 # M_MMAP_THRESHOLD = 64 KiB
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_peak(device: str) -> int:
+    """The high-water mark since reset_peak: CUDA's max allocated, or (CPU) the process's peak resident set."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:                              # (Linux; VmHWM in kB)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def fitting_micro_batch(capacity: int, fixed: int, per_image: float, headroom: float = 0.9) -> int:
+    """The largest micro-batch whose memory, fixed + micro * per_image, stays under headroom * capacity (the
+    rest: the allocator's fragmentation, NCCL's and cuDNN's buffers)."""
+    return max(int((headroom * capacity - fixed) // per_image), 0) if per_image > 0 else 0
+
+
+def grad_accum_for(per_process: int, fits: int) -> int:
+    """The fewest micro-steps that split a process's share of the batch into micro-batches of at most `fits`
+    images (a divisor of the share: every micro-batch the same size); 0 if not even one image fits."""
+    if fits < 1:
+        return 0
+    return next(k for k in range(1, per_process + 1) if per_process % k == 0 and per_process // k <= fits)
+
+
+def bench_report(cfg, log, flops_per_image: float, device: str) -> dict:
+    """What --bench prints: the step time (median of the timed steps, after BENCH_WARMUP), images/s, the
+    model's TFLOP/s (flops_per_image, as finish_stage: recomputation by --grad_checkpoint is not counted, as
+    MFU is defined by Chowdhery et al. 2022) and MFU against device_peak; then memory: what the loop started
+    with (weights, EMA, frozen networks), the optimiser state it added (= 2x the gradients for Adam), the
+    peak, the activations per image (what a forward left in memory for its backward, per image of the
+    micro-batch, less autocast's weight copies), and the micro-batch that fits each memory size, counting
+    weights, optimiser state, gradients and activations all at once (an upper bound: the backward frees
+    activations as gradients appear; with --grad_checkpoint, one block's recomputation is not counted), so
+    that --grad_accum can be as small as memory allows."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    micro = cfg.batch_size // world // cfg.grad_accum
+    steps = [b - a for a, b in zip(log.times, log.times[1:])][BENCH_WARMUP:]
+    step_s = sorted(steps)[len(steps) // 2]
+    ips = cfg.batch_size / step_s
+    tflops = flops_per_image * ips / 1e12 / world                  # per device
+    peak, source = device_peak(cfg, device)
+    start, end, high = BENCH["start"], memory_now(device), memory_peak(device)
+    grads = (end - start) / 2                                      # Adam's two moments per trained parameter
+    # Under bf16 / fp16 autocast the forward keeps a half-precision copy of each trained weight it casts
+    # (torch.autocast's cache): half the gradients' bytes, paid once per forward, not per image. Inside
+    # checkpointed blocks it keeps none (measured: md at 256px, bf16, 4 images left 0.10 GiB in all).
+    cast = grads / 2 if amp_dtype(cfg, device) in ("bf16", "fp16") and not cfg.grad_checkpoint else 0
+    fixed = end + grads + cast
+    per_image = max(BENCH["activations"] - cast, 0) / micro       # (tiny models: within the CPU's noise)
+    gib = 2 ** 30
+    res = {"stage": cfg.stage, "preset": cfg.preset, "resolution": cfg.resolution, "batch_size": cfg.batch_size,
+           "micro_batch": micro, "processes": world, "dtype": amp_dtype(cfg, device), "compile": cfg.compile,
+           "grad_checkpoint": cfg.grad_checkpoint, "step_s": step_s, "images_per_s": ips,
+           "tflop_per_s": tflops, "peak_tflop_per_s": peak, "mfu": tflops / peak, "peak_source": source,
+           "memory_gib": {"start": start / gib, "optimizer": (end - start) / gib, "peak": high / gib,
+                          "activations_per_image": per_image / gib},
+           "fits": {f"{g} GB": fitting_micro_batch(g * 1e9, fixed, per_image) for g in GPU_SIZES_GB}}
+    print(f"bench {cfg.stage}: preset {cfg.preset}, {cfg.resolution}px, batch {cfg.batch_size} = {world} "
+          f"process(es) x {cfg.grad_accum} micro-batch(es) of {micro}, {res['dtype']}, compile "
+          f"{'on' if cfg.compile else 'off'}, grad_checkpoint {'on' if cfg.grad_checkpoint else 'off'}, on {device}")
+    print(f"  step {step_s:.3f} s (median of {len(steps)} after {BENCH_WARMUP} warm-up; min {min(steps):.3f}, max "
+          f"{max(steps):.3f}), {ips:.3g} images/s, {tflops:.3g} TFLOP/s per device = {100 * res['mfu']:.1f}% MFU "
+          f"(peak {peak:.4g} TFLOP/s: {source})")
+    what = "allocated" if device.startswith("cuda") else "resident"
+    print(f"  memory ({what}): {start / gib:.2f} GiB at the start, +{(end - start) / gib:.2f} GiB optimiser state, "
+          f"peak {high / gib:.2f} GiB; activations {per_image / gib:.3f} GiB per image")
+    here = fitting_micro_batch(device_memory(device), fixed, per_image)
+    print("  micro-batch that fits: " + ", ".join(f"{k}: {v}" for k, v in res["fits"].items())
+          + f" (this device: {here})")
+    share = cfg.batch_size // world
+    print(f"  --batch_size {cfg.batch_size} on {world} process(es): --grad_accum "
+          + ", ".join(f"{grad_accum_for(share, v) or '-'} on {k}" for k, v in res["fits"].items())
+          + f" ({grad_accum_for(share, here) or '-'} here)")
+    return res
