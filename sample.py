@@ -387,8 +387,7 @@ def load_diffusion(path: str, ema: bool = True):
         return unet, vae, text, conf
     if is_weights_file(path):
         tensors, conf = read_weights(path)
-        den = {k: v for k, v in tensors.items() if not k.startswith("vae.")}
-        vae_state = {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}
+        den, vae_state = split_weights(tensors)
     else:
         ck = config.load_checkpoint(path)
         conf = ck.get("config", {})
@@ -442,6 +441,17 @@ def save_weights(path: str, unet: md.UNet, vae, text: md.TextEncoder, conf: dict
                                write=lambda obj, tmp: st.save_file(obj, tmp, metadata=meta))
     else:
         config.save_checkpoint(path, {"format": WEIGHTS_FORMAT, "config": conf, "weights": tensors})
+
+
+def split_weights(tensors: dict) -> tuple[dict, dict]:
+    """A weights file's tensors as (the Denoiser's state, the VAE's state)."""
+    den = {k: v for k, v in tensors.items() if not k.startswith("vae.")}
+    return den, {k[len("vae."):]: v for k, v in tensors.items() if k.startswith("vae.")}
+
+
+def saved_config(path: str) -> dict:
+    """The config dict of a train.py checkpoint or of its inference weights."""
+    return read_weights(path)[1] if is_weights_file(path) else config.load_checkpoint(path).get("config", {})
 
 
 def read_weights(path: str) -> tuple[dict, dict]:

@@ -386,7 +386,7 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     if rank == 0:
         describe_denoiser(model, cfg, vae, device)
     net = wrap(model, cfg, world, device)
-    val = validation_batch(cfg, vae) if rank == 0 else None       # held-out latents, t and noise, fixed
+    val = validation_batch(cfg, vae) if rank == 0 and not cfg.bench else None   # held-out latents, t, noise
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     latent_shape = tuple(one_latent(cfg, vae, "cpu").shape[1:])       # (c, H/f, W/f)
     prompts = grid_prompts(cfg, dataset)
@@ -424,7 +424,8 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
     if rank == 0:
         ids = text.tokenizer([""]).to(device)
         macs = latent_macs(model, cfg, vae, ids)                      # the UNet and the text encoder
-        log.record(cfg.steps, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
+        if val is not None:
+            log.record(cfg.steps, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
         finish_stage(cfg, log, start, t0, device, 6 * macs, ["loss", "val_loss"])
         pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
         evaluate.diffusion_report(cfg, pipe)             # the checker on the synthetic shapes only

@@ -596,22 +596,28 @@ def init_schedule(cfg) -> dict:
         return sample.make_schedule()
     if os.path.isdir(cfg.init_from):
         return sample.make_schedule(sample.schedule_from_diffusers(cfg.init_from))
-    return sample.make_schedule(sample.schedule_config(load_checkpoint(cfg.init_from).get("config", {})))
+    return sample.make_schedule(sample.schedule_config(sample.saved_config(cfg.init_from)))
 
 
 def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) -> None:
-    """--init_from: another diffusion.pt's EMA weights, or a diffusers SD folder's UNet, for a UNet that may
-    differ only in attn_act / dropout."""
+    """--init_from: another diffusion.pt's EMA weights (or its inference weights), or a diffusers SD folder's
+    UNet, for a UNet that may differ only in attn_act / dropout."""
     if os.path.isdir(path):
         own = pretrained.unet_config(path)[1]
         refuse_if_mismatch(path, "UNet", dataclasses.asdict(own), unet_cfg, ignore=("attn_act", "dropout"))
         pretrained.load_unet(path, into=model.unet)               # no second SD-sized UNet in memory
         return
-    ck = load_checkpoint(path)
-    if "unet" not in ck.get("config", {}):
+    if sample.is_weights_file(path):                              # inference weights: already the EMA's
+        tensors, conf = sample.read_weights(path)
+        state = sample.split_weights(tensors)[0]
+    else:
+        ck = load_checkpoint(path)
+        conf = ck.get("config", {})
+        state = sample.denoiser_weights(ck, "ema", path) if "unet" in conf else None
+    if "unet" not in conf:
         raise ValueError(f"{path}: not a diffusion checkpoint (no config['unet'])")
-    refuse_if_mismatch(path, "UNet", ck["config"]["unet"], unet_cfg, ignore=("attn_act", "dropout"))
-    sample.load_denoiser_state(model, sample.denoiser_weights(ck, "ema", path), path)
+    refuse_if_mismatch(path, "UNet", conf["unet"], unet_cfg, ignore=("attn_act", "dropout"))
+    sample.load_denoiser_state(model, state, path)
 
 
 def resume_diffusion(cfg, path: str, model, ema, opt, scaler, rank: int, sched: dict) -> int:

@@ -190,6 +190,12 @@ def test_weights_file_samples_the_same_images_and_is_a_fraction_of_the_checkpoin
     assert all(torch.equal(a, b) for a, b in zip(unet_w.state_dict().values(), unet_c.state_dict().values()))
     res = evaluate.main(["--ckpt", str(weights), "--n", "4", "--sampler", "eight_step", "--out_dir", str(tmp_path / "ev")])
     assert res["n"] == 4 and "shape" in res
+    # a stage starts from it as from the checkpoint (--init_from): the softmax -> relu finetune of 3.2
+    out = tmp_path / "relu"
+    train.main(["--stage", "diffusion", "--init_from", str(weights), "--attn_act", "relu", "--steps", "1",
+                "--batch_size", "4", "--out_dir", str(out), "--vae_ckpt", str(tiny_base / "vae.pt"),
+                "--sample_every", "0", "--eval_images", "4", "--eval_steps", "2", "--warmup", "1"])
+    assert torch.load(out / "diffusion.pt", weights_only=True)["config"]["unet"]["attn_act"] == "relu"
     # a file that is not one is named
     bad = tmp_path / "other.safetensors"
     import safetensors.torch
