@@ -89,7 +89,7 @@ class TrainConfig:
     loss_scale: float = 65536.0      # fp16: the loss scaler's initial scale (torch.amp.GradScaler's 2^16)
     fused: str = "auto"              # AdamW's fused kernel: auto (on CUDA) | on | off (train_utils.fused)
     grad_checkpoint: bool = False    # recompute each UNet block in the backward (md.set_grad_checkpointing):
-                                     # activations / ~5-10 for ~1.33x the compute (docs/results.md)
+                                     # ~10x less activation memory for ~1.3x the step time (results.md)
     compile: bool = False            # torch.compile the trained network
     resume: bool = False             # continue this stage from out_dir/<stage>.pt
     overwrite: bool = False          # train a stage again although out_dir/<stage>.pt exists (replaces it)
@@ -797,7 +797,7 @@ def main(argv=None):
         elif run.bench:
             if device == "cpu":
                 release_freed_memory()
-            given = {**given, **bench_inputs(run, nets, tmp)}
+            given = {**given, **bench_inputs(run, nets, tmp, rank)}
             try:
                 run_stages(TrainConfig(**given), given, nets, rank, world, device)
             except BenchDone:                                      # the timed loop is all a benchmark runs
@@ -818,24 +818,24 @@ def export_stages(run: TrainConfig) -> None:
         export_weights(path)
 
 
-def bench_inputs(run: TrainConfig, nets: dict, tmp: str) -> dict:
+def bench_inputs(run: TrainConfig, nets: dict, tmp: str, rank: int) -> dict:
     """--bench: what the stage reads from out_dir (or its flags) and is not there, made at random in `tmp`
     (a step's time does not depend on the weights): the VAE of the diffusion stage and the decoder's teacher
     (vae.pt), the base of ufogen / distill / lora / adapter (inference weights of a random UNet). Returns
-    the flags that point the stage at them."""
-    stage, out = run.stage, run.out_dir
+    the flags that point the stage at them. (Each process makes its own: the same seed, the same weights.)"""
+    stage, out, say = run.stage, run.out_dir, (print if rank == 0 else lambda *a: None)
     torch.manual_seed(run.seed)
     vae_path = os.path.join(tmp, "vae.pt")
     if stage == "decoder" and not run.init_from and not os.path.isfile(os.path.join(out, "vae.pt")):
         config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
                                           "config": {"vae": dataclasses.asdict(nets["vae"])}})
-        print(f"bench: no {out}/vae.pt: a random {run.preset} VAE as the teacher")
+        say(f"bench: no {out}/vae.pt: a random {run.preset} VAE as the teacher")
         return {"init_from": vae_path}
     own_vae = [os.path.join(out, f) for f in ("decoder.pt", "vae.pt")] + [run.vae_ckpt, run.vae_diffusers]
     if stage == "diffusion" and not any(p and os.path.exists(p) for p in own_vae):
         config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
                                           "config": {"vae": dataclasses.asdict(nets["vae"])}})
-        print(f"bench: no VAE in {out}: a random {run.preset} VAE")
+        say(f"bench: no VAE in {out}: a random {run.preset} VAE")
         return {"vae_ckpt": vae_path}
     base = run.init_from or os.path.join(out, "diffusion.pt")
     if stage in ("ufogen", "distill", "lora", "adapter") and not os.path.exists(base):
@@ -846,7 +846,7 @@ def bench_inputs(run: TrainConfig, nets: dict, tmp: str) -> dict:
                 "train": {"stage": "diffusion", "resolution": run.resolution, "text_encoder": run.text_encoder}}
         path = sample.weights_path(os.path.join(tmp, "diffusion.pt"))
         sample.save_weights(path, md.UNet(unet_cfg), vae_lib.VAE(nets["vae"]), text, conf)
-        print(f"bench: no {base}: a random {run.preset} base model")
+        say(f"bench: no {base}: a random {run.preset} base model")
         return {"init_from": path}
     return {}
 

@@ -874,7 +874,8 @@ def bench_report(cfg, log, flops_per_image: float, device: str) -> dict:
           f"peak {high / gib:.2f} GiB; activations {per_image / gib:.3f} GiB per image")
     here = fitting_micro_batch(device_memory(device), fixed, per_image)
     print("  micro-batch that fits: " + ", ".join(f"{k}: {v}" for k, v in res["fits"].items())
-          + f" (this device: {here})")
+          + f" (this device: {here})" + ("; plus one block's recomputation in the backward (docs/results.md)"
+                                          if cfg.grad_checkpoint else ""))
     share = cfg.batch_size // world
     print(f"  --batch_size {cfg.batch_size} on {world} process(es): --grad_accum "
           + ", ".join(f"{grad_accum_for(share, v) or '-'} on {k}" for k, v in res["fits"].items())
