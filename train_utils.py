@@ -296,11 +296,12 @@ def check_latents(folder: str, vae) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(dataset, n: int, vae, device: str) -> data.Latents:
+def encode_dataset(dataset, n: int, vae, device: str, batch: int | None = None) -> data.Latents:
     """The first n items as (scaled posterior-mean latent, caption) pairs: the VAE runs once per image instead
-    of once per step, and the images are rendered or decoded from disk once."""
+    of once per step, and the images are rendered or decoded from disk once. batch: images per encoder call
+    (default data.images_per_call: 256 at the tiny run's 32px, 4 at 512px)."""
     latents, captions = [], []
-    batch = data.images_per_call(dataset[0][0].shape[-1], 256)
+    batch = batch or data.images_per_call(dataset[0][0].shape[-1], 256)
     for i in range(0, min(n, len(dataset)), batch):
         items = [dataset[j] for j in range(i, min(i + batch, n, len(dataset)))]
         x = torch.stack([im for im, _ in items]).to(device)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import config
+import data
 import md
 import sample
 import train
@@ -296,3 +297,11 @@ def test_bench_and_export_flags_are_checked(capsys):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert what in capsys.readouterr().err
+
+
+def test_image_batches_shrink_with_resolution_but_not_at_the_tiny_runs_size():
+    """The VAE and the reports take whole images in batches of at most CALL_PIXELS pixels (64 images of 512px in
+    one md VAE call would need ~9 GB a tensor); the tiny run's 32px batches are what they always were."""
+    assert data.images_per_call(32, 64) == 64 and data.images_per_call(32, 256) == 256
+    assert data.images_per_call(256, 64) == 16 and data.images_per_call(512, 64) == 4
+    assert data.images_per_call(2048, 64) == 1
