@@ -266,7 +266,7 @@ class Log:
     of the benchmark (a step's metrics are floats by then, so an accelerator has finished it)."""
 
     def __init__(self, out_dir: str | None, stage: str, steps: int, start: int, rank: int):
-        self.rank, self.stage, self.out_dir = rank, stage, out_dir
+        self.rank, self.stage = rank, stage
         self.path = os.path.join(out_dir or ".", "metrics.jsonl")
         self.times = [time.perf_counter()]
         if out_dir is None:

@@ -385,16 +385,8 @@ def load_diffusion(path: str, ema: bool = True):
         unet, vae, text, conf = pretrained.load_models(path)
         conf["schedule"] = dataclasses.asdict(schedule_from_diffusers(path))
         return unet, vae, text, conf
-    if is_weights_file(path):
-        tensors, conf = read_weights(path)
-        den, vae_state = split_weights(tensors)
-    else:
-        ck = config.load_checkpoint(path)
-        conf = ck.get("config", {})
-        if "unet" not in conf:
-            raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
-        den = denoiser_weights(ck, "ema" if ema else "model", path)
-        vae_state = config.refuse_non_finite(ck["vae"], path, "vae")
+    den, vae_state, conf = read_denoiser(path, ema)
+    vae_state = config.refuse_non_finite(vae_state, path, "vae")
     unet_cfg, tcfg = config.config_from_dict(md.UNetConfig, conf["unet"]), config.config_from_dict(md.TextConfig, conf["text"])
     vcfg, tr = config.config_from_dict(vae_lib.VAEConfig, conf["vae"]), conf["train"]
     text = md.TextEncoder.from_pretrained(tr["text_encoder"]) if tr.get("text_encoder") else md.TextEncoder(tcfg)
@@ -407,6 +399,20 @@ def load_diffusion(path: str, ema: bool = True):
     if left:
         raise ValueError(f"{path}: no weights for {left[:4]}")
     return model.unet.eval(), vae.eval(), model.text.eval(), conf
+
+
+def read_denoiser(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
+    """(the Denoiser's state, the VAE's state, the saved config) of a diffusion.pt / ufogen.pt / distill.pt
+    (its EMA or raw weights, a LoRA folded in) or of its inference weights (already the EMA's), memory-mapped:
+    what load_diffusion builds the networks from and what --init_from starts a finetune from."""
+    if is_weights_file(path):
+        tensors, conf = read_weights(path)
+        return (*split_weights(tensors), conf)
+    ck = config.load_checkpoint(path)
+    conf = ck.get("config", {})
+    if "unet" not in conf:
+        raise ValueError(f"{path}: not a diffusion checkpoint (stage {ck.get('stage')!r}, no config['unet'])")
+    return denoiser_weights(ck, "ema" if ema else "model", path), ck["vae"], conf
 
 
 # ----------------------------------------------------------------------------------------------------

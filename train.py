@@ -825,18 +825,20 @@ def bench_inputs(run: TrainConfig, nets: dict, tmp: str, rank: int) -> dict:
     the flags that point the stage at them. (Each process makes its own: the same seed, the same weights.)"""
     stage, out, say = run.stage, run.out_dir, (print if rank == 0 else lambda *a: None)
     torch.manual_seed(run.seed)
-    vae_path = os.path.join(tmp, "vae.pt")
+
+    def random_vae() -> str:                                     # a vae.pt as sample.load_vae reads it
+        path = os.path.join(tmp, "vae.pt")
+        config.save_checkpoint(path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
+                                      "config": {"vae": dataclasses.asdict(nets["vae"])}})
+        return path
+
     if stage == "decoder" and not run.init_from and not os.path.isfile(os.path.join(out, "vae.pt")):
-        config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
-                                          "config": {"vae": dataclasses.asdict(nets["vae"])}})
         say(f"bench: no {out}/vae.pt: a random {run.preset} VAE as the teacher")
-        return {"init_from": vae_path}
+        return {"init_from": random_vae()}
     own_vae = [os.path.join(out, f) for f in ("decoder.pt", "vae.pt")] + [run.vae_ckpt, run.vae_diffusers]
     if stage == "diffusion" and not any(p and os.path.exists(p) for p in own_vae):
-        config.save_checkpoint(vae_path, {"model": vae_lib.VAE(nets["vae"]).state_dict(),
-                                          "config": {"vae": dataclasses.asdict(nets["vae"])}})
         say(f"bench: no VAE in {out}: a random {run.preset} VAE")
-        return {"vae_ckpt": vae_path}
+        return {"vae_ckpt": random_vae()}
     base = run.init_from or os.path.join(out, "diffusion.pt")
     if stage in ("ufogen", "distill", "lora", "adapter") and not os.path.exists(base):
         text = build_text_encoder(run, nets["text"])

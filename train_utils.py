@@ -275,7 +275,8 @@ def stage_data(cfg, rank: int, world: int, start: int, device: str, vae=None):
                           cfg.num_workers, cfg.random_flip)
     log = config.Log(None if cfg.bench else cfg.out_dir, cfg.stage, cfg.steps, start, rank)
     if cfg.bench:                                                 # weights, EMA, frozen nets; no Adam state yet
-        BENCH.update(start=memory_now(device), after_step=memory_now(device), activations=0)
+        now = memory_now(device)
+        BENCH.update(start=now, after_step=now, activations=0)
         reset_peak(device)
     return dataset, stream, log
 
@@ -608,15 +609,7 @@ def init_denoiser(model: sample.Denoiser, path: str, unet_cfg: md.UNetConfig) ->
         refuse_if_mismatch(path, "UNet", dataclasses.asdict(own), unet_cfg, ignore=("attn_act", "dropout"))
         pretrained.load_unet(path, into=model.unet)               # no second SD-sized UNet in memory
         return
-    if sample.is_weights_file(path):                              # inference weights: already the EMA's
-        tensors, conf = sample.read_weights(path)
-        state = sample.split_weights(tensors)[0]
-    else:
-        ck = load_checkpoint(path)
-        conf = ck.get("config", {})
-        state = sample.denoiser_weights(ck, "ema", path) if "unet" in conf else None
-    if "unet" not in conf:
-        raise ValueError(f"{path}: not a diffusion checkpoint (no config['unet'])")
+    state, _, conf = sample.read_denoiser(path, ema=True)
     refuse_if_mismatch(path, "UNet", conf["unet"], unet_cfg, ignore=("attn_act", "dropout"))
     sample.load_denoiser_state(model, state, path)
 
@@ -853,19 +846,20 @@ def bench_report(cfg, log, flops_per_image: float, device: str) -> dict:
     # Under bf16 / fp16 autocast the forward keeps a half-precision copy of each trained weight it casts
     # (torch.autocast's cache): half the gradients' bytes, paid once per forward, not per image. Inside
     # checkpointed blocks it keeps none (measured: md at 256px, bf16, 4 images left 0.10 GiB in all).
-    cast = grads / 2 if amp_dtype(cfg, device) in ("bf16", "fp16") and not cfg.grad_checkpoint else 0
+    dtype = amp_dtype(cfg, device)
+    cast = grads / 2 if dtype in ("bf16", "fp16") and not cfg.grad_checkpoint else 0
     fixed = end + grads + cast
     per_image = max(BENCH["activations"] - cast, 0) / micro       # (tiny models: within the CPU's noise)
     gib = 2 ** 30
     res = {"stage": cfg.stage, "preset": cfg.preset, "resolution": cfg.resolution, "batch_size": cfg.batch_size,
-           "micro_batch": micro, "processes": world, "dtype": amp_dtype(cfg, device), "compile": cfg.compile,
+           "micro_batch": micro, "processes": world, "dtype": dtype, "compile": cfg.compile,
            "grad_checkpoint": cfg.grad_checkpoint, "step_s": step_s, "images_per_s": ips,
            "tflop_per_s": tflops, "peak_tflop_per_s": peak, "mfu": tflops / peak, "peak_source": source,
            "memory_gib": {"start": start / gib, "optimizer": (end - start) / gib, "peak": high / gib,
                           "activations_per_image": per_image / gib},
            "fits": {f"{g} GB": fitting_micro_batch(g * 1e9, fixed, per_image) for g in GPU_SIZES_GB}}
     print(f"bench {cfg.stage}: preset {cfg.preset}, {cfg.resolution}px, batch {cfg.batch_size} = {world} "
-          f"process(es) x {cfg.grad_accum} micro-batch(es) of {micro}, {res['dtype']}, compile "
+          f"process(es) x {cfg.grad_accum} micro-batch(es) of {micro}, {dtype}, compile "
           f"{'on' if cfg.compile else 'off'}, grad_checkpoint {'on' if cfg.grad_checkpoint else 'off'}, on {device}")
     print(f"  step {step_s:.3f} s (median of {len(steps)} after {BENCH_WARMUP} warm-up; min {min(steps):.3f}, max "
           f"{max(steps):.3f}), {ips:.3g} images/s, {tflops:.3g} TFLOP/s per device = {100 * res['mfu']:.1f}% MFU "
