@@ -51,6 +51,16 @@ JITTER = 0.03                     # the centre's offset from the image centre, a
                                   # draws it crisp; anywhere in the image, every position's average is a blob
 SQUARE = 1.0                      # the square's half-side, in radii: it fills the circle's bounding box, so
                                   # the two differ by 4.5 px corners
+# --data names of the synthetic shapes -> (radius range, largest centre offset). "shapes-varied": the same
+# captions and combinations, with what a caption does not say free to vary: the size over twice the range and
+# the centre anywhere that keeps clear of the border. A caption then no longer fixes its image, so E[x0 | x_t],
+# what a one-step model trained on reconstruction alone converges to, is a blur over positions and sizes (4.2).
+GEOMETRY = {"shapes": (RADIUS, JITTER), "shapes-varied": ((0.2, 0.4), 0.26)}
+
+
+def is_shapes(name: str) -> bool:
+    """Whether --data names a synthetic shapes dataset (GEOMETRY), whose attributes the checker reads."""
+    return name in GEOMETRY
 
 
 def all_combos():
@@ -114,10 +124,10 @@ def render(shape, color, background, cx, cy, r, resolution, style="plain", super
 class Shapes(torch.utils.data.Dataset):
     """Deterministic synthetic (image, caption) pairs: item i is always the same picture.
     split: "train" (the 81 training combinations), "heldout" (the 9 held-out ones), or "all".
-    style: "plain", "outlined", or "mixed" (half of each; captions say which)."""
+    style: "plain", "outlined", or "mixed" (half of each; captions say which). geometry: a GEOMETRY name."""
 
     def __init__(self, split: str = "train", resolution: int = 64, size: int = 100_000, seed: int = 0,
-                 style: str = "plain"):
+                 style: str = "plain", geometry: str = "shapes"):
         held = set(heldout_combos())
         if split == "train":
             self.combos = [c for c in all_combos() if c not in held]
@@ -129,7 +139,10 @@ class Shapes(torch.utils.data.Dataset):
             raise ValueError(f"Shapes split = {split!r}, expected 'train', 'heldout' or 'all'")
         if style not in STYLES + ("mixed",):
             raise ValueError(f"Shapes style = {style!r}, expected one of {STYLES + ('mixed',)}")
+        if geometry not in GEOMETRY:
+            raise ValueError(f"Shapes geometry = {geometry!r}, expected one of {sorted(GEOMETRY)}")
         self.resolution, self.size, self.seed, self.style = resolution, size, seed, style
+        self.radius, self.jitter = GEOMETRY[geometry]
         self.offset = {"train": 0, "heldout": 10**9, "all": 2 * 10**9}[split]   # disjoint random streams
 
     def __len__(self):
@@ -138,8 +151,8 @@ class Shapes(torch.utils.data.Dataset):
     def attributes(self, i: int) -> dict:
         rng = random.Random(self.seed * 10**10 + self.offset + i)
         shape, color, background = self.combos[rng.randrange(len(self.combos))]
-        r = rng.uniform(*RADIUS)                                     # radius, in image sides
-        off = min(JITTER, 0.46 - r)                                  # keep clear of the border (checker reads bg there)
+        r = rng.uniform(*self.radius)                                # radius, in image sides
+        off = min(self.jitter, 0.46 - r)                             # keep clear of the border (checker reads bg there)
         style = self.style if self.style != "mixed" else STYLES[rng.randrange(2)]
         return dict(shape=shape, color=color, background=background, style=style,
                     cx=0.5 + rng.uniform(-off, off), cy=0.5 + rng.uniform(-off, off), r=r)
@@ -693,11 +706,11 @@ class HeldoutImages(torch.utils.data.Dataset):
 
 def make_dataset(data: str, split: str, resolution: int, style: str = "plain", min_size: int = 0,
                  shuffle_buffer: int = 1000):
-    """--data as a dataset of (image or latent, caption): "shapes" (synthetic); latent shards (a folder with
-    latents.json, made by --stage encode); tar shards (a brace pattern, a .tar, a folder of .tar files, or a
+    """--data as a dataset of (image or latent, caption): "shapes" / "shapes-varied" (synthetic); latent shards (a
+    folder with latents.json, made by --stage encode); tar shards (a brace pattern, a .tar, a folder of .tar files, or a
     .txt list), the last one held out when there are two or more; else an image folder."""
-    if data == "shapes":
-        return Shapes(split, resolution, style=style)
+    if is_shapes(data):
+        return Shapes(split, resolution, style=style, geometry=data)
     shards = shard_paths(data)
     if shards is None:
         return ImageFolder(data, resolution, split, min_size)
@@ -849,6 +862,18 @@ def pixel_features(images: torch.Tensor, size: int = 8) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 3*size*size): area-averaged thumbnails. Colour, position and coarse shape
     survive at 8x8, which is what the synthetic data varies; no pretrained network is involved."""
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+@torch.no_grad()
+def sharpness(images: torch.Tensor) -> float:
+    """Edge sharpness of (N, 3, H, W) images: the mean squared difference between neighbouring pixels (both axes,
+    all channels) after 2x2 area averaging. An edge of height h spread over w pixels contributes ~h^2 / w, so a
+    blur (the E[x0 | x_t] of 4.2) lowers it; the averaging removes most of the pixel-level texture a decoder adds,
+    which would otherwise count as edges (a mean absolute difference does not see blur at all: an edge's total
+    variation is the same however wide). evaluate_t2i reports generated over real (1: as sharp as the data).
+    Measured on the tiny run's images (docs/results.md): VAE reconstructions 0.97, Gaussian blur sigma 1 px 0.63."""
+    x = F.avg_pool2d(images.float(), 2)
+    return float(((x[..., 1:, :] - x[..., :-1, :]).square().mean() + (x[..., 1:] - x[..., :-1]).square().mean()) / 2)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -82,6 +82,7 @@ def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor |
     res = {**(data.attribute_accuracy(images, prompts) if checker else {}), "ms_per_image": ms}
     if real is not None and min(len(real), len(images)) > 1:      # a covariance needs two or more of each
         res["fd"] = pixel_fd(images, real)
+        res["sharpness"] = data.sharpness(images.clamp(-1, 1)) / data.sharpness(real)   # 1: as sharp as the data
     return res, images
 
 
@@ -93,7 +94,8 @@ def pixel_fd(images: torch.Tensor, real: torch.Tensor) -> float:
 def update_eval(path: str, name: str, result: dict) -> None:
     """eval.json: {"<sampler>": {"color": .., "background": .., "shape": .., "ms_per_image": ..}, ...}."""
     obj = json.load(open(path)) if os.path.isfile(path) else {}
-    obj[name] = {k: v for k, v in result.items() if k in ("color", "background", "shape", "ms_per_image", "style", "fd")}
+    keep = ("color", "background", "shape", "ms_per_image", "style", "fd", "sharpness")
+    obj[name] = {k: v for k, v in result.items() if k in keep}
     config.write_json(path, obj)
 
 
@@ -109,7 +111,7 @@ def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
     rows = []
     for name, pipe, kw in [("onestep", ufo, sample.SAMPLING["onestep"]),
                            ("ddim1", base, dict(steps=1, guidance_scale=cfg.guidance))]:
-        res, imgs = evaluate_t2i(pipe, prompts, real=real, checker=cfg.data == "shapes", **kw)
+        res, imgs = evaluate_t2i(pipe, prompts, real=real, checker=data.is_shapes(cfg.data), **kw)
         update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
         print(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         rows.append(imgs[:8])
@@ -121,10 +123,10 @@ def one_step_report(cfg, base_path: str, ufo_path: str, device: str) -> None:
 # 5.4 plugin metrics on held-out prompts (style, edge IoU, inpainting), for any pipeline and sampler
 # ----------------------------------------------------------------------------------------------------
 
-def plugin_heldout(resolution: int, n: int, device: str = "cpu") -> dict:
+def plugin_heldout(resolution: int, n: int, device: str = "cpu", geometry: str = "shapes") -> dict:
     """The evaluation set: n held-out Shapes items with, for each, the style prompt, the edge condition and an
     inpainting task: the shape's bounding box (+3 px) masked and the prompt asking for another colour."""
-    ds = data.Shapes("heldout", resolution)
+    ds = data.Shapes("heldout", resolution, geometry=geometry)
     names = list(data.COLORS)
     items = [ds.attributes(i) for i in range(n)]
     images = torch.stack([ds[i][0] for i in range(n)])
@@ -250,7 +252,7 @@ def vae_report(cfg, model, minutes: float, device: str, teacher=None) -> dict:
     p = float(vae_lib.psnr(recon, held).mean())
     # The checker on reconstructions: what a perfect diffusion model could reach through this decoder.
     def checker(images):                                      # the synthetic shapes only
-        if cfg.data != "shapes":
+        if not data.is_shapes(cfg.data):
             return {}
         return {k: v for k, v in data.attribute_accuracy(images.cpu(), prompts).items() if k != "style"}
     acc = checker(recon)
@@ -276,20 +278,48 @@ def diffusion_report(cfg, pipe) -> dict:
     """End of the diffusion stage: DDIM-<cfg.eval_steps> + CFG <cfg.guidance> on the held-out prompts, into
     eval.json, and samples_final.png."""
     prompts = heldout_prompts(cfg, cfg.eval_images)
-    name = f"ddim{cfg.eval_steps}"
+    name = f"ddim{cfg.eval_steps}" + ("" if cfg.stage == "diffusion" else f"_{cfg.stage}")     # relu: ddim50_relu
     res, imgs = evaluate_t2i(pipe, prompts, steps=cfg.eval_steps, guidance_scale=cfg.guidance,
-                             checker=cfg.data == "shapes")
+                             checker=data.is_shapes(cfg.data))
     update_eval(os.path.join(cfg.out_dir, "eval.json"), name, res)
-    data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, "samples_final.png"))
+    final = "samples_final.png" if cfg.stage == "diffusion" else f"samples_final_{cfg.stage}.png"
+    data.image_grid(imgs[:32], nrow=8).save(os.path.join(cfg.out_dir, final))
     print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
           + ", ".join(f"{k} {v:.3f}" if k != "ms_per_image" else f"{v:.1f} ms/image" for k, v in res.items()))
+    if data.is_shapes(cfg.data):
+        print(checker_resolution(len(prompts)))
+    return res
+
+
+def checker_resolution(n: int) -> str:
+    """What one reading of the checker on n held-out shapes prompts can resolve: one prompt, one of the held-out
+    combinations (a model tends to get a combination right or wrong as a whole), the binomial standard error."""
+    k = len(data.heldout_combos())
+    return (f"  resolution: one prompt = {100 / n:.1f} points, one of the {k} held-out combinations ~{100 / k:.0f}; "
+            f"binomial s.e. at 0.9: {100 * (0.09 / n) ** 0.5:.1f} points (seed spread: docs/results.md)")
+
+
+def relu_report(cfg, softmax: float, curve: dict) -> dict:
+    """End of the relu stage (3.2): eval.json's "relu", the held-out validation loss of the softmax base, of the
+    same weights with ReLU attention before any finetuning (the curve's first point), along the finetune
+    (every cfg.val_every steps), and the first step at which it is back at the softmax base's level."""
+    steps = sorted(curve)
+    back = next((s for s in steps if s > steps[0] and curve[s] <= softmax), None)
+    res = {"softmax_val_loss": softmax, "swapped_val_loss": curve[steps[0]], "final_val_loss": curve[steps[-1]],
+           "recovered_at": back, "steps": steps[-1], "val_loss": {str(s): curve[s] for s in steps}}
+    path = os.path.join(cfg.out_dir, "eval.json")
+    obj = json.load(open(path)) if os.path.isfile(path) else {}
+    config.write_json(path, {**obj, "relu": res})
+    print(f"eval relu: held-out val loss softmax {softmax:.4f}, swapped to relu {res['swapped_val_loss']:.4f}, after "
+          f"{steps[-1]} steps {res['final_val_loss']:.4f}; "
+          + (f"back at the softmax level by step {back}" if back else "not back at the softmax level"))
     return res
 
 
 def few_step_report(cfg, pipe, steps: int) -> dict:
     """End of the distill stage: the student's `steps`-step DDIM without CFG (folded in), into eval.json."""
     res, _ = evaluate_t2i(pipe, heldout_prompts(cfg, cfg.eval_images), real=heldout_images(cfg, cfg.eval_images),
-                          checker=cfg.data == "shapes",
+                          checker=data.is_shapes(cfg.data),
                           steps=steps, guidance_scale=1.0)
     update_eval(os.path.join(cfg.out_dir, "eval.json"), f"{steps}step", res)
     print(f"eval {steps}step: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
@@ -298,7 +328,7 @@ def few_step_report(cfg, pipe, steps: int) -> dict:
 
 def plugin_stage_report(cfg, pipe, path: str, device: str) -> None:
     """End of the lora / adapter stage: the base's DDIM-50 + CFG without and with the new plugin."""
-    ev = plugin_heldout(cfg.resolution, cfg.eval_images, device)
+    ev = plugin_heldout(cfg.resolution, cfg.eval_images, device, cfg.data)
     for label, plugin in (("without", None), ("with", path)):
         res = measure_plugin(cfg.stage, pipe, plugin, sample.SAMPLING["ddim50"], ev)
         print(f"eval {label} the {cfg.stage} ({cfg.eval_images} held-out prompts, base DDIM-"

@@ -4,18 +4,23 @@ left in out/tiny, each row marked measured or quoted:
 
   python report.py --paper_tables     Tables 1, 2, 4, 5 and 5.4 in one file: out/report/report.md (~1 min)
   python report.py --table5           5.3 / Table 5: 3 reconstruction losses x {full, LoRA}, 300 UFOGen steps each
-                                      from out/tiny/diffusion.pt -> out/tiny/table5/table5.md (~20 min on 2 cores)
+                                      from the base (out/tiny/relu.pt, else diffusion.pt) -> out/tiny/table5/table5.md
+                                      (~20 min on 2 cores)
   python report.py --plugins          5.4: every plugin x {base DDIM-50, the one-step models} ->
                                       out/tiny/plugins/plugins.md / .json / .png (~3 min)
+  python report.py --ablations        3.2 / 3.3: every architecture choice against the MD design, each trained at one
+                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (docs/results.md)
 
 It sits on top of every other file (config.py lists the layers) and holds no method of the paper itself.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 
+import numpy as np
 import torch
 
 import config
@@ -46,6 +51,7 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
     cfg = train.TrainConfig()
     prompts, real = heldout_prompts(cfg, eval_images), heldout_images(cfg, eval_images)
     rows = [("DDIM 50 + CFG 3 (base)", "diffusion.pt", sample.SAMPLING["ddim50"]),
+            ("DDIM 50 + CFG 3 (ReLU base, 3.2)", "relu.pt", sample.SAMPLING["ddim50"]),
             ("8-step student", "distill.pt", sample.SAMPLING["eight_step"]),
             ("1-step UFOGen", "ufogen.pt", sample.SAMPLING["onestep"]),
             ("1-step DDIM + CFG 3 (base)", "diffusion.pt", dict(steps=1, guidance_scale=3.0, sampler="ddim"))]
@@ -55,7 +61,8 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
     for name, file, kw in rows:
         path = os.path.join(run_dir, file)
         if not os.path.isfile(path):
-            out.append(f"| {name} | | | | | | not run: no {path} (python train.py{' --stage distill' if file == 'distill.pt' else ''}) |")
+            how = f" --stage {file[:-3]}" if file in ("distill.pt", "relu.pt") else ""
+            out.append(f"| {name} | | | | | | not run: no {path} (python train.py{how}) |")
             continue
         res, imgs = evaluate_t2i(sample.Pipeline.from_checkpoint(path), prompts, real=real, **kw)
         out.append(f"| {name} | {res['color']:.2f} | {res['background']:.2f} | {res['shape']:.2f} | {res['fd']:.1f} "
@@ -106,31 +113,57 @@ def paper_tables(run_dir: str, report_dir: str, eval_images: int = 128, litert: 
     return text
 
 
-def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int) -> str:
-    """Runs the 3 reconstruction losses x {full, LoRA} on the tiny setup and prints Table 5's shape: for
-    1-step samples on held-out prompts, attribute accuracy and a Frechet distance on pixel features."""
+TABLE5_RUNS = [(recon, rank, True) for recon in ("diffusion", "distill", "ema") for rank in (0, 8)] + \
+    [("diffusion", 0, False)]                       # + Eq. 1's reconstruction term alone: what the game buys
+
+
+def last_logged(metrics: str, stage: str, keys: tuple, last: int = 2) -> dict:
+    """The mean of each key over a stage's last `last` logged lines in a metrics.jsonl (nan where never logged)."""
+    rows = [json.loads(line) for line in open(metrics)]
+    return {k: float(np.mean([r[k] for r in rows if r.get("stage") == stage and k in r][-last:] or [float("nan")]))
+            for k in keys}
+
+
+def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int, data_name: str = "shapes") -> str:
+    """Runs the 3 reconstruction losses x {full, LoRA}, and Eq. 1's reconstruction term without the adversarial
+    one, on the tiny setup; prints Table 5's shape: for 1-step samples on held-out prompts, attribute accuracy,
+    a Frechet distance on pixel features, the sharpness against the data's, and D's loss and accuracy over
+    the last 50 steps (2 ln 2 = 1.386 and 0.5: a D that learned nothing)."""
     results = {}
+    for recon, rank, adv in TABLE5_RUNS:
+        name = f"{recon}-{'lora' if rank else 'full'}" + ("" if adv else "-noadv")
+        out = os.path.join(out_dir, name)
+        # Eq. 1-3 as printed: unguided targets, whatever --ufogen_recon_guidance a preset sets.
+        train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--ufogen_recon", recon,
+                    "--ufogen_recon_guidance", "1", "--ufogen_lora_rank", str(rank), "--steps", str(steps),
+                    "--ufogen_adv", str(adv).lower(), "--eval_images", str(eval_images), "--sample_every", "0",
+                    "--data", data_name,
+                    "--overwrite", "true"])                            # a fresh measurement each time
+        results[name] = {**json.load(open(os.path.join(out, "eval.json")))["onestep"],
+                         **last_logged(os.path.join(out, "metrics.jsonl"), "ufogen", ("d_loss", "d_acc"))}
+    config.write_json(os.path.join(out_dir, "table5.json"), results)
+
+    def cell(r):
+        return f"{r['color']:.2f} / {r['background']:.2f} / {r['shape']:.3f} | {r['fd']:.2f} | {r['sharpness']:.2f}"
+
+    def game(r):
+        return "off" if np.isnan(r["d_loss"]) else f"{r['d_loss']:.3f} / {r['d_acc']:.2f}"
+    lines = [f"Base {base_ckpt}, data {data_name}, {steps} UFOGen steps each, {eval_images} held-out prompts, one "
+             f"step. Sharpness: the samples' edge sharpness over the data's (data.sharpness). D: loss / accuracy "
+             f"over the last 50 steps (chance: 1.386 / 0.50).", "",
+             "| reconstruction loss | full: col / bg / shape | Fréchet | sharpness | D | LoRA r8: col / bg / shape | "
+             "Fréchet | sharpness | D | paper FID, full / LoRA |", "|" + "---|" * 10]
     for recon in ("diffusion", "distill", "ema"):
-        for rank in (0, 8):
-            name = f"{recon}-{'lora' if rank else 'full'}"
-            out = os.path.join(out_dir, name)
-            # Eq. 1-3 as printed: unguided targets, whatever --ufogen_recon_guidance a preset sets.
-            train.main(["--stage", "ufogen", "--init_from", base_ckpt, "--out_dir", out, "--ufogen_recon", recon,
-                        "--ufogen_recon_guidance", "1", "--ufogen_lora_rank", str(rank), "--steps", str(steps),
-                        "--eval_images", str(eval_images), "--sample_every", "0",
-                        "--overwrite", "true"])                            # a fresh measurement each time
-            results[name] = json.load(open(os.path.join(out, "eval.json")))["onestep"]
-    lines = [f"{'reconstruction loss':<22}{'No LoRA':>28}{'LoRA':>28}",
-             f"{'':<22}{'col/bg/shape   FD':>28}{'col/bg/shape   FD':>28}"]
-    paper = PAPER_TABLE5
-    for recon in ("diffusion", "distill", "ema"):
-        cells = []
-        for kind in ("full", "lora"):
-            r = results[f"{recon}-{kind}"]
-            cells.append(f"{r['color']:.2f}/{r['background']:.2f}/{r['shape']:.2f} {r['fd']:7.2f}")
-        lines.append(f"{recon + ' loss':<22}{cells[0]:>28}{cells[1]:>28}   paper FID {paper[recon][0]} / {paper[recon][1]}")
+        full, lora = results[f"{recon}-full"], results[f"{recon}-lora"]
+        paper = PAPER_TABLE5[recon]
+        eq = {"diffusion": 1, "distill": 2, "ema": 3}[recon]
+        lines.append(f"| {recon} (Eq. {eq}) | {cell(full)} | {game(full)} | {cell(lora)} | {game(lora)} "
+                     f"| {paper[0]} / {paper[1]} |")
+    none = results["diffusion-full-noadv"]
+    lines.append(f"| Eq. 1's reconstruction term alone (no adversarial term) | {cell(none)} | off | | | | "
+                 f"| not in the paper |")
     text = "\n".join(lines)
-    config.write_text(os.path.join(out_dir, "table5.md"), "```\n" + text + "\n```\n")
+    config.write_text(os.path.join(out_dir, "table5.md"), text + "\n")
     return text
 
 
@@ -145,12 +178,13 @@ INPAINT_VARIANTS = {                                    # how the one-step model
 }
 
 
-def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: int, device: str = "cpu") -> str:
+def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: str, n: int, device: str = "cpu",
+                   geometry: str = "shapes") -> str:
     """The 5.4 table on the tiny setup: every plugin with and without it, for the base (DDIM-50 + CFG) and for
     each one-step model in `onestep` ({row name: ufogen.pt}); plus a Figure-4-like grid."""
     os.makedirs(out_dir, exist_ok=True)
     base_pipe = sample.Pipeline.from_checkpoint(base, device)
-    ev = plugin_heldout(base_pipe.resolution, n, device)
+    ev = plugin_heldout(base_pipe.resolution, n, device, geometry)
     models = [("base, DDIM-50 + CFG 3", base_pipe, sample.SAMPLING["ddim50"])]
     models += [(name, sample.Pipeline.from_checkpoint(path, device), sample.SAMPLING["onestep"]) for name, path in onestep.items()]
     grid, results = [], {}
@@ -173,7 +207,7 @@ def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: s
         print(f"{name}: {(time.time() - t0) / 60:.1f} min")
     # VAE ceilings: the checker on reconstructions of the real style images / of the inpainting inputs.
     vae = base_pipe.vae
-    styled_ds = data.Shapes("heldout", base_pipe.resolution, style="outlined")      # the same items, outlined
+    styled_ds = data.Shapes("heldout", base_pipe.resolution, style="outlined", geometry=geometry)   # the same, outlined
     styled = torch.stack([styled_ds[i][0] for i in range(n)])
     recon = vae.decode(vae.encode(styled.to(device)).mode()).cpu()
     ceil_style = data.attribute_accuracy(recon, ev["style_prompts"])
@@ -216,34 +250,244 @@ def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: s
     return text
 
 
+# ----------------------------------------------------------------------------------------------------
+# 3.2 / 3.3 at toy scale (--ablations): each architecture choice against the MD design, same budget, 3 seeds
+# ----------------------------------------------------------------------------------------------------
+
+# (row, UNetConfig fields over the design (the tiny preset at toy scale, md at 512px; "md" / "tiny": the row's
+# own values where the two differ), the paper's claim: section and sentence). "finetune": no config of its own,
+# the design's model of the same seed finetuned into relu attention (train.py --stage relu).
+ABLATIONS = [
+    ("MD design, softmax attention (tiny preset; md at 512px)", {}, ""),
+    ("+ self-attention at the middle level (md: 32x32)", {"self_attn": (False, True, True)},
+     "3.2: retaining cross-attention layers while discarding only the self-attention layers at high resolutions "
+     "does not result in a performance drop"),
+    ("separate K and V projections", {"shared_kv": False},
+     "3.2: setting W_K = W_V for self-attention layers does not adversely affect model performance"),
+    ("FF expansion 4 (instead of 3)", {"ff_mult": 4},
+     "3.2: trimming the expansion ratio to 3 results in nearly identical performance"),
+    ("gelu GLU (instead of swish)", {"ff_act": "gelu"},
+     "3.2: this replacement does not lead to a degradation in metrics or perceptual quality"),
+    ("ReLU attention, trained from scratch", {"attn_act": "relu"},
+     "3.2: there is no need to train a relu-attention model from scratch"),
+    ("ReLU attention, finetuned from the design", "finetune",
+     "3.2: finetuning from a pre-trained softmax-attention model proves sufficient"),
+    ("full convolution at the inner level", {"conv_type": ("full", "full", "full")},
+     "3.3: replacing vanilla convolution layers with separable ones in the deeper segments yields similar performance"),
+    ("deeper, narrower bottleneck (inner channels / 2, depth x 2)",
+     {"tiny": {"channels": (32, 64, 64), "down_depth": (0, 1, 6), "up_depth": (0, 1, 6)},
+      "md": {"channels": (320, 640, 512), "down_depth": (0, 1, 6), "up_depth": (0, 1, 6)}},
+     "3.2: stacking more transformer blocks with a large reduction of channel dimension proves detrimental"),
+]
+ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run; the default run's stage: 600 x 64
+RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
+ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): 384 prompts a run, half DDIM-50's time
+ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
+ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
+
+
+def ablation_config(preset: str, fields) -> md.UNetConfig:
+    """The row's UNet at a preset's size: md.PRESETS[preset] with softmax attention (the design as it is trained,
+    before 3.2's finetune; the tiny preset's own choice) and the row's fields."""
+    design = dataclasses.replace(md.PRESETS[preset], attn_act="softmax")
+    if fields == "finetune":
+        return dataclasses.replace(design, attn_act="relu")
+    own = fields.get(preset, {} if "md" in fields or "tiny" in fields else fields)
+    return dataclasses.replace(design, **own)
+
+
+def unet_latency_ms(cfg: md.UNetConfig, latent: int, text_len: int, repeats: int) -> float:
+    """Median wall ms of one UNet forward (batch 1, fp32, this CPU) on a latent of latent x latent."""
+    torch.manual_seed(0)
+    unet = md.UNet(cfg).eval()
+    x, ctx = torch.randn(1, cfg.in_channels, latent, latent), torch.randn(1, text_len, cfg.context_dim)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + ABLATION_WARMUP):                   # the first calls warm up, untimed
+            t0 = time.perf_counter()
+            unet(x, torch.full((1,), 500), ctx)
+            times.append(1000 * (time.perf_counter() - t0))
+    return float(np.median(times[ABLATION_WARMUP:]))
+
+
+def ablation_eval_sets(resolution: int, n: int) -> dict:
+    """The ablations' evaluation: n held-out prompts (9 unseen combinations) and 2n prompts over all 90
+    combinations (new images of the 81 seen ones too), with their real images for the Frechet distance."""
+    sets = {}
+    for split, k in (("heldout", n), ("all", 2 * n)):
+        ds = data.Shapes(split, resolution)
+        items = [ds[i] for i in range(k)]
+        sets[split] = ([c for _, c in items], torch.stack([im for im, _ in items]))
+    return sets
+
+
+def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = False, rows: list | None = None) -> str:
+    """Trains every ABLATIONS row at the same toy budget for `seeds` seeds (a fresh diffusion stage each, on the
+    default run's VAE) and measures it: params and GMACs (md at 512px and the toy), CPU ms of one forward, and
+    DDIM-25 + CFG 3 quality (the checker and the pixel Frechet distance) as mean and spread over the seeds.
+    rows: indices into ABLATIONS (default all; the finetuned row needs row 0). Results go to out_dir/ablations.json
+    after every run, so a stopped report continues where it was; each run keeps its inference weights
+    (row<i>_seed<s>/diffusion.safetensors), and only the design's runs keep their training checkpoint."""
+    vae = next((p for p in (os.path.join(run_dir, f) for f in ("decoder.pt", "vae.pt")) if os.path.isfile(p)), None)
+    if vae is None:
+        raise FileNotFoundError(f"--ablations: no VAE in {run_dir} (decoder.pt / vae.pt); train it first: "
+                                f"python train.py --stage vae; python train.py --stage decoder")
+    os.makedirs(out_dir, exist_ok=True)
+    budget, t_start = ABLATION_QUICK if quick else ABLATION_BUDGET, time.time()
+    ft_steps, ddim = (2, 2) if quick else (RELU_FINETUNE_STEPS, ABLATION_DDIM)
+    store = os.path.join(out_dir, "ablations.json")
+    done = json.load(open(store)) if os.path.isfile(store) else {}
+    if done.get("budget") != {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}:
+        done = {"budget": {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}, "runs": {}}
+    sets = ablation_eval_sets(train.TrainConfig().resolution, n)
+    flags = ["--vae_ckpt", vae, "--sample_every", "0", "--eval_images", "1", "--eval_steps", "1", "--overwrite", "true",
+             *(x for k, v in budget.items() for x in (f"--{k}", str(v)))]
+    rows = sorted(set(range(len(ABLATIONS)) if rows is None else rows))
+    if any(ABLATIONS[i][1] == "finetune" for i in rows) and 0 not in rows:
+        rows = [0] + rows                                            # the finetuned row starts from the design's runs
+    for seed in range(seeds):
+        for i in rows:
+            name, fields, _ = ABLATIONS[i]
+            key = f"{name} / seed {seed}"
+            if key in done["runs"]:
+                continue
+            t0, d = time.time(), os.path.join(out_dir, f"row{i}_seed{seed}")
+            if fields == "finetune":                                    # the design's model of this seed, + relu
+                base = os.path.join(out_dir, f"row0_seed{seed}", "diffusion.pt")
+                train.main(["--stage", "relu", "--init_from", base, "--out_dir", d, "--seed", str(seed), *flags,
+                            "--steps", str(ft_steps)])
+                ckpt = os.path.join(d, "relu.pt")
+            else:
+                cfg = ablation_config("tiny", fields)
+                own = [x for k, v in dataclasses.asdict(cfg).items() if v != getattr(md.PRESETS["tiny"], k)
+                       for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+                train.main(["--stage", "diffusion", "--out_dir", d, "--seed", str(seed), *flags, *own])
+                ckpt = os.path.join(d, "diffusion.pt")
+            pipe, res = sample.Pipeline.from_checkpoint(ckpt), {}
+            for split, (prompts, real) in sets.items():
+                r, _ = evaluate_t2i(pipe, prompts, real=real, steps=ddim, guidance_scale=3.0)
+                res[split] = {k: r[k] for k in ("shape", "color", "background", "fd")}
+            res["minutes"] = (time.time() - t0) / 60
+            if i != 0:                                                  # its .safetensors stays; 4x smaller
+                os.remove(ckpt)
+            done["runs"][key] = res
+            config.write_json(store, done)
+            print(f"ablations: {key}: " + ", ".join(f"{s} shape {res[s]['shape']:.3f} fd {res[s]['fd']:.2f}"
+                                                    for s in sets) + f" ({res['minutes']:.1f} min)")
+    text = ablation_table(done, seeds, sets, quick, (time.time() - t_start) / 60)
+    config.write_text(os.path.join(out_dir, "ablations.md"), text + "\n")
+    return text
+
+
+def mean_spread(values: list) -> str:
+    """'mean ± sample std' over the seeds (± half the range for 2 seeds is the same number)."""
+    v = np.array(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: float) -> str:
+    """The ablation table (markdown) with every row's cost, quality over the seeds and its verdict."""
+    b = done["budget"]
+    n_held, n_all = (len(sets[s][0]) for s in ("heldout", "all"))
+    lines = [f"# 3.2 / 3.3 ablations at toy scale (report.py --ablations{' --quick' if quick else ''})", "",
+             f"Each row: a diffusion stage of {b['steps']} steps x batch {b['batch_size']} ({b['train_images']} cached "
+             f"latents), seeds 0..{seeds - 1}; the finetuned row adds {b['finetune']} relu steps to the design's run. "
+             f"Quality: DDIM-{b['ddim']} + CFG 3 on {n_held} held-out prompts (9 unseen combinations) and {n_all} "
+             f"prompts over all 90 combinations; mean ± std over the seeds. Cost: params (M) and GMACs of one UNet "
+             f"evaluation, md at 512px (64x64 latent, 77 tokens) and the toy (8x8 latent, 16 tokens); ms: one UNet "
+             f"forward on this CPU, batch 1, fp32.", "",
+             "| choice | md params (M) | md GMACs | md ms | toy params (M) | toy GMACs | toy ms | held-out shape | "
+             "all-90 shape | all-90 colour | all-90 Fréchet | verdict |", "|" + "---|" * 12]
+    ref = None
+    for i, (name, fields, claim) in enumerate(ABLATIONS):
+        runs = [done["runs"].get(f"{name} / seed {s}") for s in range(seeds)]
+        if any(r is None for r in runs):
+            lines.append(f"| {name} | | | | | | | not run | | | | |")
+            continue
+        md_cfg, tiny_cfg = ablation_config("md", fields), ablation_config("tiny", fields)
+        md_cost, toy_cost = md.unet_cost(md_cfg, 512), md.unet_cost(tiny_cfg, 64, text_len=16)
+        md_ms = unet_latency_ms(md_cfg, 64, 77, 1 if quick else 3) if not quick else float("nan")
+        toy_ms = unet_latency_ms(tiny_cfg, 8, 16, 5 if quick else 100)
+        q = {(s, k): [r[s][k] for r in runs] for s in ("heldout", "all") for k in ("shape", "color", "fd")}
+        if ref is None:
+            ref, verdict = q, "reference"
+        else:
+            verdict = ablation_verdict(q, ref, claim)
+        lines.append(f"| {name} | {md_cost['params_m']:.1f} | {md_cost['gmacs']:.1f} | {md_ms:.0f} | "
+                     f"{toy_cost['params_m']:.2f} | {toy_cost['gmacs']:.4f} | {toy_ms:.1f} | "
+                     f"{mean_spread(q['heldout', 'shape'])} | {mean_spread(q['all', 'shape'])} | "
+                     f"{mean_spread(q['all', 'color'])} | {mean_spread(q['all', 'fd'])} | {verdict} |")
+    measured = [[done["runs"][f"{n} / seed {k}"] for k in range(seeds)] for n, _, _ in ABLATIONS
+                if all(f"{n} / seed {k}" in done["runs"] for k in range(seeds))]
+    spread = [np.std([r[s]["shape"] for r in runs], ddof=1) for runs in measured for s in ("heldout", "all")
+              if seeds > 1]
+    lines += ["", f"Resolution: on the held-out set one unseen combination drawn wrongly moves shape by about "
+                  f"{100 / 9:.0f} points; on the all-90 set one combination is {100 / 90:.1f} points and one prompt "
+                  f"{100 / n_all:.2f}. Seed spread (std of shape over the seeds, median over rows and sets): "
+                  f"{100 * float(np.median(spread)) if spread else float('nan'):.1f} points. A difference counts in "
+                  f"the "
+                  f"verdict only if it exceeds twice the larger of the two rows' std on the all-90 set.",
+              f"Training and evaluating the runs took {sum(r['minutes'] for r in done['runs'].values()):.1f} min in "
+              f"all (ablations.json: each run's minutes); this call, {minutes:.1f} min."]
+    return "\n".join(lines)
+
+
+def ablation_verdict(q: dict, ref: dict, claim: str) -> str:
+    """The row against the design on the all-90 set: better / worse / no difference beyond the seed spread, on
+    shape accuracy and the Frechet distance; then the paper's claim it is read against."""
+    words = []
+    for key, sign, what in ((("all", "shape"), 1, "shape"), (("all", "fd"), -1, "Fréchet")):
+        a, b = np.array(q[key]), np.array(ref[key])
+        d, noise = a.mean() - b.mean(), 2 * max(a.std(ddof=1) if len(a) > 1 else 0, b.std(ddof=1) if len(b) > 1 else 0)
+        words.append(f"{what} {'better' if sign * d > noise else 'worse' if -sign * d > noise else 'same'} "
+                     f"({d:+.3f})")
+    return ", ".join(words) + f"; paper {claim}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The paper's tables at toy scale (Tables 1, 2, 4, 5; 5.4's plugins)")
     job = p.add_mutually_exclusive_group(required=True)
     job.add_argument("--paper_tables", action="store_true", help="Tables 1, 2, 4, 5 and 5.4 -> --report_dir/report.md")
     job.add_argument("--table5", action="store_true", help="train and measure 3 reconstruction losses x {full, LoRA}")
     job.add_argument("--plugins", action="store_true", help="measure every plugin on every model -> --out_dir")
+    job.add_argument("--ablations", action="store_true", help="3.2/3.3: every architecture choice vs the design, "
+                                                              "trained at one toy budget over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=3, help="--ablations: training seeds per row")
+    p.add_argument("--data", default="shapes", choices=sorted(data.GEOMETRY),
+                   help="--table5 / --plugins: the synthetic data the run was trained on (train.py --data)")
+    p.add_argument("--quick", action="store_true", help="--ablations: 2 steps a run (the tests' plumbing check)")
+    p.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="--ablations: only these rows of report.ABLATIONS, e.g. 0,2 (default: all)")
     p.add_argument("--run_dir", default="out/tiny", help="where the tiny run wrote its checkpoints")
     p.add_argument("--report_dir", default="out/report", help="--paper_tables: where report.md goes")
     p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
     p.add_argument("--steps", type=int, default=300, help="--table5: UFOGen steps per variant")
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
     p.add_argument("--onestep", action="append", default=None, metavar="NAME=CKPT",
-                   help="--plugins: one-step models to compare (repeat); default: run_dir/ufogen.pt and, when present, "
-                        "the three full-finetuning Table 5 runs in run_dir/table5/")
-    p.add_argument("--out_dir", default=None, help="--table5: default run_dir/table5; --plugins: default run_dir/plugins")
+                   help="--plugins: one-step models to compare (repeat); default: those present of run_dir/ufogen.pt, "
+                        "the three full-finetuning Table 5 runs in run_dir/table5/ and its no-adversarial-term run")
+    p.add_argument("--out_dir", default=None, help="--table5 / --plugins / --ablations: default run_dir/table5, "
+                                                  "run_dir/plugins, run_dir/ablations")
     args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1:
-        p.error(f"--n {args.n} / --steps {args.steps}: expected >= 1")
+    for flag in ("n", "steps", "seeds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: expected >= 1")
+    if args.rows and not all(0 <= i < len(ABLATIONS) for i in args.rows):
+        p.error(f"--rows {','.join(map(str, args.rows))}: expected indices 0..{len(ABLATIONS) - 1} of report.ABLATIONS")
     run = args.run_dir
     t0 = time.time()
     if args.paper_tables:
         text = paper_tables(run, args.report_dir, args.n, litert=not args.no_litert)
         where = os.path.join(args.report_dir, "report.md")
+    elif args.ablations:
+        out = args.out_dir or os.path.join(run, "ablations")
+        text = ablations(run, out, args.seeds, args.n, args.quick, args.rows)
+        where = os.path.join(out, "ablations.md")
     elif args.table5:
-        base = os.path.join(run, "diffusion.pt")
+        base = train.default_base(run, "ufogen")
         if not os.path.isfile(base):
             raise FileNotFoundError(f"{base}: no such file (train it first: python train.py)")
-        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps, args.n)
+        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps, args.n, args.data)
         where = os.path.join(args.out_dir or os.path.join(run, "table5"), "table5.md")
     else:
         if args.onestep:
@@ -252,17 +496,20 @@ def main(argv=None):
                 p.error(f"--onestep {bad[0]!r}: expected NAME=CKPT, e.g. --onestep 'my run=out/x/ufogen.pt'")
             onestep = dict(s.split("=", 1) for s in args.onestep)
         else:
-            onestep = {"1-step UFOGen (default run)": os.path.join(run, "ufogen.pt")}
-            onestep.update({f"1-step, recon {r} (Table 5 run)": os.path.join(run, "table5", f"{r}-full", "ufogen.pt")
-                            for r in ("diffusion", "distill", "ema")
-                            if os.path.isfile(os.path.join(run, "table5", f"{r}-full", "ufogen.pt"))})
-        base, lora, adapter = (os.path.join(run, f) for f in ("diffusion.pt", "lora.pt", "adapter.pt"))
+            table5_runs = {f"1-step, recon {r} (Table 5 run)": f"{r}-full" for r in ("diffusion", "distill", "ema")}
+            table5_runs["1-step, recon diffusion, no adversarial term (Table 5 run)"] = "diffusion-full-noadv"
+            candidates = {"1-step UFOGen (default run)": os.path.join(run, "ufogen.pt"),
+                          **{k: os.path.join(run, "table5", v, "ufogen.pt") for k, v in table5_runs.items()}}
+            present = {k: v for k, v in candidates.items() if os.path.isfile(v)}
+            onestep = present or dict([next(iter(candidates.items()))])   # none: the error below names ufogen.pt
+        base = train.default_base(run, "lora")
+        lora, adapter = os.path.join(run, "lora.pt"), os.path.join(run, "adapter.pt")
         for path in [base, lora, adapter, *onestep.values()]:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: missing; make it with: python train.py (base, ufogen), python train.py "
                                         f"--stage lora, python train.py --stage adapter, python report.py --table5")
         out = args.out_dir or os.path.join(run, "plugins")
-        text = plugins_report(base, onestep, lora, adapter, out, args.n)
+        text = plugins_report(base, onestep, lora, adapter, out, args.n, geometry=args.data)
         where = os.path.join(out, "plugins.md")
     print(text)
     print(f"wrote {where} in {(time.time() - t0) / 60:.1f} min")

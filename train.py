@@ -44,12 +44,13 @@ import data
 import evaluate
 import md
 import plugins
+import pretrained
 import sample
 import ufogen
 import vae as vae_lib            # `vae` is the model's name in every loop
 from train_utils import (BENCH_WARMUP, BenchDone, LossScaler, Meter, autocast, build_text_encoder,
                          build_vae_for_diffusion, check_compatible, clip_and_step, describe_denoiser,
-                         diffusion_noise, due, ema_update, ema_warmup, estimate_minutes, export_weights,
+                         default_base, diffusion_noise, due, ema_update, ema_warmup, estimate_minutes, export_weights,
                          finish_stage, from_pipeline_folder, gan_optimizers, generator_schedule, grid_prompts,
                          init_denoiser, init_schedule, latent_batch, latent_macs, light_from_teacher,
                          load_base, make_optimizer, make_perceptual, micro_slice, null_context, one_latent,
@@ -64,9 +65,9 @@ class TrainConfig:
     stage: str = "all"               # one of STAGES, or all (ALL_STAGES: the tiny end-to-end run)
     preset: str = "tiny"             # model presets by name: tiny (CPU) or md / md-lite (paper)
     out_dir: str = "out/tiny"        # checkpoints, metrics.jsonl, loss curves, sample grids, eval.json
-    data: str = "shapes"             # shapes (synthetic) | an image folder (metadata.jsonl / .txt captions) |
-                                     # tar shards ('s/{00000..00099}.tar', a folder or a .txt list of .tar
-                                     # files) | a latents folder (--stage encode)
+    data: str = "shapes"             # shapes | shapes-varied (synthetic, data.GEOMETRY) | an image folder
+                                     # (metadata.jsonl / .txt captions) | tar shards ('s/{00000..00099}.tar', a
+                                     # folder or a .txt list of .tar files) | a latents folder (--stage encode)
     min_size: int = 0                # real data: drop (and count) images whose shorter side is below this
     shuffle_buffer: int = 1000       # shards: samples mixed in each reader's shuffle buffer
     latents_dir: str = ""            # --stage encode writes here (default: out_dir/latents)
@@ -94,7 +95,9 @@ class TrainConfig:
     resume: bool = False             # continue this stage from out_dir/<stage>.pt
     overwrite: bool = False          # train a stage again although out_dir/<stage>.pt exists (replaces it)
     init_from: str = ""              # weights to start from: decoder <- a vae.pt; diffusion <- a diffusion.pt
-                                     # (5.1's 256 -> 512px schedule; 3.2's softmax -> relu finetune)
+                                     # (5.1's 256 -> 512px schedule); relu <- the softmax base (default
+                                     # out_dir/diffusion.pt); ufogen / distill / lora / adapter <- the base
+                                     # (default: out_dir/relu.pt if the relu stage ran, else diffusion.pt)
     vae_ckpt: str = ""               # diffusion: our vae.pt / decoder.pt (default: out_dir's decoder, vae)
     vae_diffusers: str = ""          # diffusion: a local diffusers AutoencoderKL folder instead (SD's: c=4)
     text_encoder: str = ""           # diffusion: a local Hugging Face CLIP folder (3: CLIP-ViT/L14, frozen);
@@ -111,6 +114,8 @@ class TrainConfig:
     vgg_weights: str = ""            # local VGG16 state dict for 3.5's perceptual loss; empty = no such term
     log_every: int = 25
     sample_every: int = 500          # sample / reconstruction grid every N steps (0 = only at the end)
+    val_every: int = 0               # diffusion / relu: held-out validation loss every N steps (0: at each
+                                     # sample_every); the relu stage's recovery curve
     ckpt_every: int = 500
     eval_images: int = 128           # held-out images for the end-of-stage evaluation
     bench: int = 0                   # N > 0: time N steps of --stage (after BENCH_WARMUP), print step time,
@@ -123,10 +128,10 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | mps
 
 
-STAGES = ("vae", "decoder", "encode", "diffusion", "ufogen", "distill", "lora", "adapter")
-ALL_STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill")   # --stage all, the tiny end-to-end run
-BENCH_STAGES = ("vae", "decoder", "diffusion", "ufogen", "distill", "lora", "adapter")   # --bench: one of these
-WEIGHT_STAGES = ("diffusion", "ufogen", "distill")                # the stages with inference weights
+STAGES = ("vae", "decoder", "encode", "diffusion", "relu", "ufogen", "distill", "lora", "adapter")
+ALL_STAGES = ("vae", "decoder", "diffusion", "relu", "ufogen", "distill")   # --stage all, the tiny end-to-end run
+BENCH_STAGES = ("vae", "decoder", "diffusion", "relu", "ufogen", "distill", "lora", "adapter")   # --bench: one of these
+WEIGHT_STAGES = ("diffusion", "relu", "ufogen", "distill")        # the stages with inference weights
 
 # Each stage's values of the tiny CPU run (times: docs/results.md), over TrainConfig's defaults; a flag given
 # on the command line wins over both.
@@ -135,6 +140,9 @@ STAGE_DEFAULTS = {
     "decoder": dict(steps=800, lr=1e-3, batch_size=8),
     "encode": dict(batch_size=64),                         # images per encoder call (no steps)
     "diffusion": dict(steps=600, lr=1e-3, batch_size=64),  # 5.1: lr 1e-3; batch 64: 1.4x batch 32's images/s
+    # 3.2: softmax -> relu, finetuned ("within 10,000 iterations" at paper scale); the validation loss every 25
+    # steps is the recovery curve (eval.json's "relu"; docs/results.md)
+    "relu": dict(steps=200, lr=1e-4, warmup=20, lr_schedule="constant", batch_size=64, val_every=25),
     "ufogen": dict(steps=200, lr=3e-4, batch_size=16),     # UFOGen's code: Adam lr 1e-4; 3e-4 for 200 steps
     "distill": dict(steps=150, lr=1e-3, batch_size=16),    # after the 100-step warm-up 1e-4 is too slow
     # 5.4: the LoRA needs longer than the adapter at this scale (docs/results.md). Its style set is outlined
@@ -146,7 +154,7 @@ STAGE_DEFAULTS = {
 # The synthetic shapes' default for the stages that can train on cached latents (train_images): a fixed set of
 # 8192, when the stage draws more images than that (the tiny diffusion stage draws 600 x 64 = 38400, each of
 # the 8192 seen 4-5 times: 8192 VAE encodes instead of 38400). A stage that draws fewer sees fresh images.
-CACHED_STAGES = ("diffusion", "ufogen", "distill")
+CACHED_STAGES = ("diffusion", "relu", "ufogen", "distill")
 SHAPES_CACHE = 8192
 ENCODE_CHUNK = 4096                  # --stage encode on a folder: items per latent shard
 
@@ -156,11 +164,11 @@ def stage_config(given: dict, stage: str) -> TrainConfig:
     BENCH_WARMUP + N steps, no grids; on the shapes, one batch of cached latents, so that a step is the
     networks' own work (not the rendering and the VAE encoder)."""
     cfg = TrainConfig(**{**STAGE_DEFAULTS[stage], **given, "stage": stage})
-    cacheable = cfg.data == "shapes" and stage in CACHED_STAGES and cfg.steps * cfg.batch_size > SHAPES_CACHE
+    cacheable = data.is_shapes(cfg.data) and stage in CACHED_STAGES and cfg.steps * cfg.batch_size > SHAPES_CACHE
     if "train_images" not in given and cacheable:
         cfg = dataclasses.replace(cfg, train_images=SHAPES_CACHE)
     if cfg.bench:
-        cached = cfg.batch_size if cfg.data == "shapes" and stage in CACHED_STAGES else cfg.train_images
+        cached = cfg.batch_size if data.is_shapes(cfg.data) and stage in CACHED_STAGES else cfg.train_images
         cfg = dataclasses.replace(cfg, steps=BENCH_WARMUP + cfg.bench, sample_every=0,
                                   train_images=given.get("train_images", cached))
     return cfg
@@ -368,8 +376,11 @@ def train_encode(cfg: TrainConfig, rank: int, world: int, device: str) -> str:
 def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world: int, device: str,
                     text_cfg: md.TextConfig = md.TEXT_PRESETS["tiny"]) -> str:
     """Latent diffusion training of the MD UNet: v-prediction on VAE latents (sample.py explains the
-    choice), text dropped with probability p_uncond for classifier-free guidance, AdamW (5.1), EMA."""
-    path = os.path.join(cfg.out_dir, "diffusion.pt")
+    choice), text dropped with probability p_uncond for classifier-free guidance, AdamW (5.1), EMA.
+    The relu stage (3.2) is this loop too, on the softmax base with attn_act = relu (relu_stage)."""
+    path = os.path.join(cfg.out_dir, f"{cfg.stage}.pt")
+    if cfg.stage == "relu":
+        cfg, unet_cfg, text_cfg = relu_stage(cfg, unet_cfg, text_cfg)
     cfg, unet_cfg = from_pipeline_folder(cfg, unet_cfg)    # --init_from an SD folder: its UNet, VAE, CLIP
     vae = build_vae_for_diffusion(cfg).to(device).requires_grad_(False)
     text = build_text_encoder(cfg, text_cfg)
@@ -387,10 +398,12 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         describe_denoiser(model, cfg, vae, device)
     net = wrap(model, cfg, world, device)
     val = validation_batch(cfg, vae) if rank == 0 and not cfg.bench else None   # held-out latents, t, noise
+    curve = {start: validation_loss(ema, sched, val, cfg.min_snr)} if val is not None else {}   # {step: val loss}
+    softmax = softmax_val_loss(cfg, val, sched) if val is not None and cfg.stage == "relu" else None
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     latent_shape = tuple(one_latent(cfg, vae, "cpu").shape[1:])       # (c, H/f, W/f)
     prompts = grid_prompts(cfg, dataset)
-    meter, t0, seen = Meter(world, device), time.time(), 0
+    meter, t0, seen, val_every = Meter(world, device), time.time(), 0, cfg.val_every or cfg.sample_every
     for step in range(start, cfg.steps):
         lr = set_lr(step, cfg, opt)
         t_all, eps_all, drop_all = diffusion_noise(cfg, step, latent_shape)   # the global batch's
@@ -415,8 +428,10 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         done = step + 1 == cfg.steps
         if rank == 0 and save_due(step, cfg):
             save_diffusion(path, cfg, step + 1, model, ema, opt, scaler, vae, sched)
+        if val is not None and val_every and (step + 1) % val_every == 0 and not done:
+            curve[step + 1] = validation_loss(ema, sched, val, cfg.min_snr)
+            log.record(step + 1, {"val_loss": curve[step + 1]})
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and not done:
-            log.record(step + 1, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
             progress_grid(cfg, ema.unet, vae, ema.text, sched, device, prompts, step + 1, steps=20,
                           guidance_scale=cfg.guidance)
             model.train()
@@ -425,12 +440,42 @@ def train_diffusion(cfg: TrainConfig, unet_cfg: md.UNetConfig, rank: int, world:
         ids = text.tokenizer([""]).to(device)
         macs = latent_macs(model, cfg, vae, ids)                      # the UNet and the text encoder
         if val is not None:
-            log.record(cfg.steps, {"val_loss": validation_loss(ema, sched, val, cfg.min_snr)})
+            curve[cfg.steps] = validation_loss(ema, sched, val, cfg.min_snr)
+            log.record(cfg.steps, {"val_loss": curve[cfg.steps]})
         finish_stage(cfg, log, start, t0, device, 6 * macs, ["loss", "val_loss"])
         pipe = sample.Pipeline(ema.unet, vae, ema.text, sched, device, cfg.resolution)
         evaluate.diffusion_report(cfg, pipe)             # the checker on the synthetic shapes only
+        if softmax is not None:
+            evaluate.relu_report(cfg, softmax, curve)
         export_weights(path)
     return path
+
+
+def relu_stage(cfg: TrainConfig, unet_cfg: md.UNetConfig, text_cfg: md.TextConfig):
+    """3.2: "we finetune a softmax-attention model into ReLU attention". The relu stage's base is --init_from
+    (default out_dir/diffusion.pt); its UNet and text encoder are the base's, with attn_act = relu: the only
+    change (a ReLU kernel has no parameters of its own, so every weight carries over). (cfg, unet, text)."""
+    cfg = dataclasses.replace(cfg, init_from=cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt"))
+    if pretrained.is_pipeline_folder(cfg.init_from):             # from_pipeline_folder takes the folder's own
+        return cfg, dataclasses.replace(unet_cfg, attn_act="relu"), text_cfg
+    if not os.path.exists(cfg.init_from):
+        raise FileNotFoundError(f"--stage relu: no softmax base {cfg.init_from} (train one first: python train.py "
+                                f"--stage diffusion; or give --init_from)")
+    conf = sample.saved_config(cfg.init_from)
+    if "unet" not in conf:
+        raise ValueError(f"--stage relu --init_from {cfg.init_from}: not a diffusion checkpoint (no config['unet'])")
+    unet_cfg = dataclasses.replace(config.config_from_dict(md.UNetConfig, conf["unet"]), attn_act="relu",
+                                   dropout=unet_cfg.dropout)
+    text_cfg = config.config_from_dict(md.TextConfig, conf["text"])
+    cfg = dataclasses.replace(cfg, text_encoder=cfg.text_encoder or conf["train"].get("text_encoder", ""))
+    return cfg, unet_cfg, text_cfg
+
+
+@torch.no_grad()
+def softmax_val_loss(cfg: TrainConfig, val, sched: dict) -> float:
+    """The relu stage's target: the validation loss of its softmax base (EMA weights, same batch, t and noise)."""
+    unet, _, text, _ = sample.load_diffusion(cfg.init_from, ema=True)
+    return validation_loss(sample.Denoiser(unet, text).to(val[0].device), sched, val, cfg.min_snr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,7 +509,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     if rank == 0:
         how = f"LoRA rank {ufo_cfg.lora_rank}" if ufo_cfg.lora_rank else "full finetuning"
         n_g = sum(p.numel() for p in g_params)
-        print(f"ufogen: recon={ufo_cfg.recon}, {how} ({n_g / 1e6:.2f}M trained G params), "
+        print(f"ufogen: from {base}, recon={ufo_cfg.recon}, {how} ({n_g / 1e6:.2f}M trained G params), "
               f"D {md.count_params(disc) / 1e6:.1f}M, gap {ufo_cfg.gap}")
     g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
@@ -473,7 +518,7 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     for step in range(start, cfg.steps):
         rng = step_generator(cfg, step)
         t_all = ufogen.sample_t(ufo_cfg, cfg.batch_size, rng)                    # t in [1, T)
-        d_step = step % ufo_cfg.d_every == 0
+        d_step = ufo_cfg.adv and step % ufo_cfg.d_every == 0
         for k in range(cfg.grad_accum):
             x, texts = next(stream)
             z0, ctx = latent_batch(x, texts, vae, text, yields_latents(dataset))  # (B,c,h,w) (B,L,D)
@@ -497,11 +542,12 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                     loss_d = ufogen.d_loss(logits_real, logits_fake, ufo_cfg.logit_clamp)
             if d_step:
                 scaler.backward(loss_d / cfg.grad_accum)
-                meter.add(d_loss=loss_d)
+                meter.add(d_loss=loss_d, d_acc=ufogen.d_accuracy(logits_real, logits_fake))
             with autocast(cfg, device):
                 # G step: adversarial through a frozen D, plus lambda * (gamma_t) * reconstruction.
                 disc.requires_grad_(False)
-                loss_adv = ufogen.g_adv_loss(d_net(fake, t_d, ctx), ufo_cfg.logit_clamp)
+                loss_adv = (ufogen.g_adv_loss(d_net(fake, t_d, ctx), ufo_cfg.logit_clamp) if ufo_cfg.adv
+                            else torch.zeros((), device=device))
                 target = ufogen.recon_target(ufo_cfg, z0, x_t, t, ctx, sched, teacher, gen_ema, uncond)
                 weighted = ufogen.recon_weighted(ufo_cfg)
                 loss_rec = ufogen.recon_loss(x0_pred.float(), target, t, sched, weighted=weighted)
@@ -525,8 +571,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     if rank == 0:
         # G forward + backward (6 G); D forwards real, fake, fake-through-G, backs all three (18 D / d_every).
         g_macs, d_macs = latent_macs(gen, cfg, vae, null), latent_macs(disc, cfg, vae, null)
-        flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every
-        finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "g_adv", "recon"])
+        flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every * ufo_cfg.adv
+        finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "d_acc", "g_adv", "recon"])
         # Free G, D and their optimisers first: at the md preset they are ~14 GB; the report loads two more.
         del gen, gen_ema, disc, g_net, d_net, opt_g, opt_d, g_params, teacher, unet
         evaluate.one_step_report(cfg, base, path, device)
@@ -556,6 +602,8 @@ def train_distill(cfg: TrainConfig, dcfg: ufogen.DistillConfig, rank: int, world
     if ck is not None:
         config.refuse_if_mismatch(path, "distillation", ck["config"]["distill"], dcfg)
         start = restore(ck, g_raw=student, g_ema_raw=student_ema, opt_g=opt, scaler=scaler)
+    if rank == 0:
+        print(f"distill: from {base}, {dcfg.target_steps}-step student of the {dcfg.teacher_steps}-step teacher")
     net = wrap(student, cfg, world, device)
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     prompts = grid_prompts(cfg, dataset)
@@ -668,7 +716,7 @@ def train_plugin(cfg: TrainConfig, pcfg: plugins.PluginConfig, rank: int, world:
         # The UNet's forward and backward (the plugin's gradients pass through it); the adapter's are small.
         flops = 6 * latent_macs(unet, cfg, vae, null_context(text))
         finish_stage(cfg, log, start, t0, device, flops, ["loss"])
-        if cfg.data == "shapes":                         # 5.4's metrics need the shapes' attributes
+        if data.is_shapes(cfg.data):                     # 5.4's metrics need the shapes' attributes
             base_pipe = sample.Pipeline.from_checkpoint(base, device, resolution=cfg.resolution)
             evaluate.plugin_stage_report(cfg, base_pipe, path, device)
         else:                                            # real data: held-out captions without / with it
@@ -839,8 +887,8 @@ def bench_inputs(run: TrainConfig, nets: dict, tmp: str, rank: int) -> dict:
     if stage == "diffusion" and not any(p and os.path.exists(p) for p in own_vae):
         say(f"bench: no VAE in {out}: a random {run.preset} VAE")
         return {"vae_ckpt": random_vae()}
-    base = run.init_from or os.path.join(out, "diffusion.pt")
-    if stage in ("ufogen", "distill", "lora", "adapter") and not os.path.exists(base):
+    base = run.init_from or default_base(out, stage)
+    if stage in ("relu", "ufogen", "distill", "lora", "adapter") and not os.path.exists(base):
         text = build_text_encoder(run, nets["text"])
         unet_cfg = dataclasses.replace(nets["unet"], context_dim=text.cfg.width, in_channels=nets["vae"].latent_channels)
         conf = {"unet": dataclasses.asdict(unet_cfg), "text": dataclasses.asdict(text.cfg),
@@ -861,7 +909,7 @@ def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int,
     if not run.resume:                                      # refuse before any work, not at the third stage
         for st in names:
             stage_checkpoint(stage_config(given, st), os.path.join(run.out_dir, f"{st}.pt"))
-    if rank == 0 and run.stage == "all" and run.preset == "tiny" and run.data == "shapes":
+    if rank == 0 and run.stage == "all" and run.preset == "tiny" and data.is_shapes(run.data):
         print(estimate_minutes({st: stage_config(given, st) for st in names},
                                {st: STAGE_DEFAULTS[st]["steps"] for st in names}, device))
 
@@ -880,8 +928,9 @@ def run_stages(run: TrainConfig, given: dict, nets: dict, rank: int, world: int,
         train_decoder(staged("decoder"), nets["light"], teacher, rank, world, device)
     if "encode" in names:
         train_encode(staged("encode"), rank, world, device)
-    if "diffusion" in names:
-        train_diffusion(staged("diffusion"), nets["unet"], rank, world, device, nets["text"])
+    for st in ("diffusion", "relu"):
+        if st in names:
+            train_diffusion(staged(st), nets["unet"], rank, world, device, nets["text"])
     if "ufogen" in names:
         train_ufogen(staged("ufogen"), nets["ufogen"], rank, world, device)
     if "distill" in names:

@@ -560,10 +560,13 @@ def build_text_encoder(cfg, text_cfg: md.TextConfig) -> md.TextEncoder:
 
 
 def build_vae_for_diffusion(cfg) -> vae_lib.VAE:
-    """The frozen VAE of the diffusion stage: a diffusers folder (--vae_diffusers), --vae_ckpt, else out_dir's
-    decoder.pt, else its vae.pt."""
+    """The frozen VAE of the diffusion stage: a diffusers folder (--vae_diffusers), --vae_ckpt, else the VAE of
+    the --init_from model (a finetune stays in its base's latent space), else out_dir's decoder.pt, else its
+    vae.pt."""
     if cfg.vae_diffusers:
         return vae_lib.VAE.from_diffusers(cfg.vae_diffusers).eval()
+    if not cfg.vae_ckpt and cfg.init_from and os.path.isfile(cfg.init_from):
+        return sample.load_diffusion(cfg.init_from)[1]
     candidates = (os.path.join(cfg.out_dir, "decoder.pt"), os.path.join(cfg.out_dir, "vae.pt"))
     path = cfg.vae_ckpt or next((p for p in candidates if os.path.isfile(p)), candidates[1])
     return sample.load_vae(path)
@@ -629,12 +632,19 @@ def resume_diffusion(cfg, path: str, model, ema, opt, scaler, rank: int, sched: 
     return restore(ck, opt=opt, scaler=scaler)
 
 
+def default_base(out_dir: str, stage: str) -> str:
+    """The base a stage starts from without --init_from: the relu stage's is the softmax diffusion.pt; every later
+    stage's is the 3.2 ReLU model (relu.pt) when the relu stage has run, else diffusion.pt."""
+    relu = os.path.join(out_dir, "relu.pt")
+    return relu if stage != "relu" and os.path.isfile(relu) else os.path.join(out_dir, "diffusion.pt")
+
+
 def load_base(cfg, device: str):
     """The pretrained diffusion model the post-training stages start from (--init_from: a diffusion.pt or a
-    diffusers SD folder, else out_dir's diffusion.pt), its frozen VAE and text encoder on `device`, its saved
-    config (with its schedule), and cfg with the base's text encoder folder (so the stage's checkpoint reloads
-    with the same encoder)."""
-    base = cfg.init_from or os.path.join(cfg.out_dir, "diffusion.pt")
+    diffusers SD folder, else default_base), its frozen VAE and text encoder on `device`, its saved config (with
+    its schedule), and cfg with the base's text encoder folder (so the stage's checkpoint reloads with the same
+    encoder)."""
+    base = cfg.init_from or default_base(cfg.out_dir, cfg.stage)
     unet, vae, text, conf = sample.load_diffusion(base, ema=True)
     cfg = dataclasses.replace(cfg, text_encoder=conf["train"].get("text_encoder", ""))
     return base, unet.to(device), vae.to(device).requires_grad_(False), text.to(device).requires_grad_(False), conf, cfg
@@ -659,9 +669,11 @@ def describe_denoiser(model: sample.Denoiser, cfg, vae, device: str) -> None:
     """The diffusion stage's opening line: UNet params, trained text-encoder params, GMACs per evaluation."""
     trained_text = sum(p.numel() for p in model.text.parameters() if p.requires_grad)
     context = torch.zeros(1, model.text.cfg.max_len, model.unet.cfg.context_dim, device=device)
-    print(f"diffusion: UNet {md.count_params(model.unet) / 1e6:.1f}M params (+{trained_text / 1e6:.2f}M trained text "
-          f"encoder), {latent_macs(model.unet, cfg, vae, context) / 1e9:.3f} GMACs/eval at "
-          f"{cfg.resolution}px ({tuple(one_latent(cfg, vae, device).shape[1:])} latent)")
+    start = f", from {cfg.init_from}" if cfg.init_from else ""
+    macs = latent_macs(model.unet, cfg, vae, context)
+    print(f"{cfg.stage}: UNet {md.count_params(model.unet) / 1e6:.1f}M params (+{trained_text / 1e6:.2f}M trained text "
+          f"encoder), {model.unet.cfg.attn_act} attention{start}, {macs / 1e9:.3f} GMACs/eval at {cfg.resolution}px "
+          f"({tuple(one_latent(cfg, vae, device).shape[1:])} latent)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -706,7 +718,7 @@ def finish_stage(cfg, log, start: int, t0: float, device: str, flops_per_image: 
 # Minutes of each stage of the default run (with its evaluation) on the 2-core machine the defaults were tuned
 # on, whose fp32 matmul peak is REFERENCE_GFLOPS (docs/results.md); scaled by this machine's peak for the
 # estimate the run prints at its start.
-STAGE_MINUTES = {"vae": 3.0, "decoder": 0.75, "diffusion": 3.35, "ufogen": 1.45, "distill": 0.75}
+STAGE_MINUTES = {"vae": 3.0, "decoder": 0.75, "diffusion": 3.35, "relu": 1.3, "ufogen": 1.45, "distill": 0.75}
 REFERENCE_GFLOPS = 307.0
 
 

@@ -47,6 +47,8 @@ import sample
 class UFOGenConfig:
     recon: str = "diffusion"         # 4.2: "diffusion" (Eq. 1) | "distill" (Eq. 2) | "ema" (Eq. 3); 5.3 picks diffusion
     lam: float = 1.0                 # lambda of Eq. 1 (weight of the reconstruction term)
+    adv: bool = True                 # Eq. 1's adversarial term; false = the reconstruction term alone, D neither
+                                     # trained nor run (what the term buys: Table 5's "no adversarial term" row)
     gap: int = 250                   # t' = t - gap; UFOGen's released gap is T/4 (its "4 steps"); a flag to measure
     g_ema_decay: float = 0.99        # EMA of G: Eq. 3's G^EMA and the weights sampled from (UFOGen's code: 0.99)
     lora_rank: int = 0               # 4.3: LoRA rank on G (attention + feed-forward projections); 0 = full finetuning
@@ -154,6 +156,12 @@ def d_loss(d_real, d_fake, clamp: float = 0.5):
     clamps a real logit above +clamp (or a fake one below -clamp) gives D no further gradient."""
     c = clamp or None
     return _bce(d_real, 1.0, clamp_max=c) + _bce(d_fake, 0.0, clamp_min=-c if c else None)
+
+
+def d_accuracy(d_real, d_fake) -> torch.Tensor:
+    """The fraction of locations D gets right (real logit > 0, fake < 0), over both: 0.5 is chance, where a D
+    that has learned nothing sits (its loss then stays at 2 ln 2 = 1.386)."""
+    return ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) / 2
 
 
 def g_adv_loss(d_fake, clamp: float = 0.5):

@@ -290,16 +290,45 @@ def test_the_recipe_runs_on_a_real_folder_and_on_shards(tmp_path, img2dataset_ou
     train.main(["--stage", "decoder", "--data", folder, "--init_from", str(out / "vae.pt"), *common])
     train.main(["--stage", "encode", "--data", folder, *common])
     lat = str(out / "latents")
-    for stage in ("diffusion", "ufogen", "distill", "lora"):
+    for stage in ("diffusion", "relu", "ufogen", "distill", "lora"):                  # ufogen on: relu.pt
         train.main(["--stage", stage, "--data", lat, *common])
     train.main(["--stage", "adapter", "--data", folder, *common])
     for name in ("vae_eval.json", "vae_recon.png", "loss_vae.png", "decoder_eval.json", "samples_000001.png",
-                 "samples_final.png", "ufogen_000001.png", "onestep_vs_base.png", "distill_000001.png", "lora.pt",
+                 "samples_final.png", "relu_000001.png", "relu.safetensors", "ufogen_000001.png", "onestep_vs_base.png",
+                 "distill_000001.png", "lora.pt",
                  "adapter.pt"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("val_loss" in r for r in rows) and any("val_psnr_db" in r for r in rows)
     assert "checker" not in json.dumps(json.load(open(out / "eval.json")))      # no shapes checker here
+    assert json.load(open(out / "eval.json"))["relu"]["steps"] == 2
     train.main(["--stage", "diffusion", "--data", shards, "--num_workers", "2", "--overwrite", "true",
                 "--shuffle_buffer", "4", *common])
     assert json.load(open(out / "eval.json"))["ddim2"]["ms_per_image"] > 0
+
+
+def test_varied_shapes_free_position_and_size_and_the_checker_still_reads_them():
+    """--data shapes-varied: the same captions, centres spread over the image and radii over 0.2-0.4 (the default
+    keeps the centre within 0.03 of the middle); the checker reads every attribute of its images."""
+    fixed, varied = data.Shapes("train", 32), data.Shapes("train", 32, geometry="shapes-varied")
+    a = [varied.attributes(i) for i in range(400)]
+    assert max(abs(x["cx"] - 0.5) for x in a) > 0.2 and min(x["r"] for x in a) < 0.22
+    assert max(abs(fixed.attributes(i)["cx"] - 0.5) for i in range(400)) <= 0.03
+    assert [varied[i][1] for i in range(5)] == [fixed[i][1] for i in range(5)]        # same captions, same order
+    imgs = torch.stack([varied[i][0] for i in range(100)])
+    assert data.attribute_accuracy(imgs, [varied[i][1] for i in range(100)])["shape"] == 1.0
+    assert isinstance(data.make_dataset("shapes-varied", "heldout", 32), data.Shapes)
+    with pytest.raises(ValueError, match="geometry = 'wobbly'"):
+        data.Shapes("train", 32, geometry="wobbly")
+
+
+def test_sharpness_by_hand():
+    """A vertical step from -1 to 1 in an 8x8 image, averaged 2x2 to 4x4: one of the 3 horizontal neighbour pairs
+    of each row differs by 2, no vertical pair does: (4 / 3 + 0) / 2. A step blurred over two pixels has less;
+    pixel-level noise of +-0.1 on each 2x2 cell's pixels (summing to 0 in each cell) changes nothing."""
+    step = torch.tensor([-1.0] * 4 + [1.0] * 4).expand(1, 3, 8, 8)
+    assert data.sharpness(step) == pytest.approx((4 / 3 + 0) / 2)
+    soft = torch.tensor([-1.0] * 3 + [-0.5, 0.5] + [1.0] * 3).expand(1, 3, 8, 8)
+    assert data.sharpness(soft) < data.sharpness(step)
+    noise = 0.1 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(4, 4).expand(1, 3, 8, 8)
+    assert data.sharpness(step + noise) == pytest.approx(data.sharpness(step))

@@ -10,6 +10,7 @@ import torch
 
 import data
 import evaluate as ev
+import md
 import report
 import sample as S
 import train
@@ -192,3 +193,56 @@ def test_vae_report_reads_reconstructions_with_the_checker(tmp_path):
     flat = ev.vae_report(cfg, Fake(True), 0.1, "cpu")
     assert flat["checker"]["shape"] < 0.5 and flat["psnr_heldout_db"] < 20
     assert json.load(open(tmp_path / "vae_eval.json"))["checker"] == flat["checker"]
+
+
+def test_ablation_statistics_by_hand():
+    """mean ± sample std over seeds; a row differs from the design only beyond twice the larger std."""
+    assert report.mean_spread([0.5, 0.7]) == "0.600 ± 0.141"
+    assert report.mean_spread([0.25]) == "0.250 ± 0.000"
+    ref = {("all", "shape"): [0.80, 0.82, 0.78], ("all", "fd"): [3.0, 3.2, 2.8]}          # std 0.02 / 0.2
+    same = {("all", "shape"): [0.81, 0.83, 0.79], ("all", "fd"): [3.1, 3.3, 2.9]}
+    worse = {("all", "shape"): [0.70, 0.72, 0.68], ("all", "fd"): [4.0, 4.2, 3.8]}
+    assert report.ablation_verdict(same, ref, "3.2: x").startswith("shape same (+0.010), Fréchet same (+0.100)")
+    want = "shape worse (-0.100), Fréchet worse (+1.000); paper 3.2: x"
+    assert report.ablation_verdict(worse, ref, "3.2: x") == want
+
+
+def test_ablation_rows_change_one_choice_each():
+    """Each row's UNet differs from its preset's design in the fields it names (the md and tiny sizes alike)."""
+    for name, fields, claim in report.ABLATIONS[1:]:
+        for preset in ("md", "tiny"):
+            cfg, design = report.ablation_config(preset, fields), report.ablation_config(preset, {})
+            changed = {k for k, v in vars(cfg).items() if v != getattr(design, k)}
+            assert changed and changed <= {"self_attn", "shared_kv", "ff_mult", "ff_act", "attn_act", "conv_type",
+                                           "channels", "down_depth", "up_depth"}, (name, preset, changed)
+        assert claim.split(":")[0] in ("3.2", "3.3")
+    assert report.ablation_config("tiny", {}) == md.PRESETS["tiny"]                     # the toy trains softmax
+    assert md.unet_cost(report.ablation_config("md", report.ABLATIONS[3][1]), 512)["params_m"] > \
+        md.unet_cost(md.PRESETS["md"], 512)["params_m"]                                    # FF x4 costs params
+
+
+@pytest.mark.slow
+def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkeypatch):
+    """report.py --ablations --quick on rows 0 (the design), 2 (separate K/V) and 6 (relu finetuned from row 0's
+    runs), 2 seeds: each run trains the UNet its row names, the table has mean ± spread per row and says the rest
+    were not run; a second call trains nothing (the results are kept) and writes the same table."""
+    out = tmp_path / "abl"
+    argv = ["--ablations", "--quick", "--run_dir", str(tiny_base), "--out_dir", str(out), "--seeds", "2", "--n", "4",
+            "--rows", "2,6"]
+    text = report.main(argv)
+    runs = json.load(open(out / "ablations.json"))["runs"]
+    names = [report.ABLATIONS[i][0] for i in (0, 2, 6)]
+    assert sorted(runs) == sorted(f"{n} / seed {s}" for n in names for s in (0, 1))
+    assert S.saved_config(str(out / "row2_seed1" / "diffusion.safetensors"))["unet"]["shared_kv"] is False
+    assert S.saved_config(str(out / "row6_seed0" / "relu.safetensors"))["unet"]["attn_act"] == "relu"
+    assert not (out / "row2_seed0" / "diffusion.pt").exists() and (out / "row0_seed0" / "diffusion.pt").exists()
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "reference" in rows[names[0]] and "paper 3.2: setting W_K = W_V" in rows[names[1]]
+    assert "not run" in rows[report.ABLATIONS[4][0]]
+    r = [runs[f"{names[1]} / seed {s}"]["all"]["shape"] for s in (0, 1)]
+    assert report.mean_spread(r) in rows[names[1]]
+    assert "Resolution:" in text and (out / "ablations.md").read_text().strip() == text.strip()
+    monkeypatch.setattr(report.train, "main", lambda argv: pytest.fail("trained again"))
+    def quality(t):                                                # every cell but the two timings (cols 3, 6)
+        return [c[:3] + c[4:6] + c[7:] for c in (ln.split(" | ") for ln in t.splitlines() if ln.startswith("| "))]
+    assert quality(report.main(argv)) == quality(text)

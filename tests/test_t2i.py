@@ -352,7 +352,14 @@ def test_stage_all_trains_what_separate_commands_train(tmp_path):
     a = config.load_checkpoint(str(tmp_path / "all" / "diffusion.pt"))["model"]
     b = config.load_checkpoint(str(tmp_path / "apart" / "diffusion.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert {"8step", "onestep", "ddim2"} <= set(json.load(open(tmp_path / "all" / "eval.json")))   # all five ran
+    ev = json.load(open(tmp_path / "all" / "eval.json"))
+    assert {"8step", "onestep", "ddim2", "ddim2_relu", "relu"} <= set(ev)                          # all six ran
+    # 3.2: the relu stage finetuned the diffusion stage's model, and the one-step and 8-step models start from it
+    relu = config.load_checkpoint(str(tmp_path / "all" / "relu.pt"))
+    assert relu["config"]["unet"]["attn_act"] == "relu" and ev["relu"]["steps"] == 2
+    assert ev["relu"]["swapped_val_loss"] == ev["relu"]["val_loss"]["0"] != ev["relu"]["softmax_val_loss"]
+    for stage in ("ufogen", "distill"):
+        assert config.load_checkpoint(str(tmp_path / "all" / f"{stage}.pt"))["config"]["unet"]["attn_act"] == "relu"
 
 
 @pytest.mark.slow
@@ -365,3 +372,15 @@ def test_sample_py_writes_one_image_at_exactly_its_size(tiny_base, tmp_path):
     S.main(["--ckpt", str(tiny_base / "diffusion.pt"), "--prompt", "x", "--prompt", "y", "--n", "2", "--steps", "2",
             "--out", str(grid)])
     assert Image.open(grid).size == (2 * 34 + 2, 2 * 34 + 2)          # 2 x 2 tiles of 32 px with 2 px gutters
+
+
+def test_the_relu_stage_needs_a_softmax_base_and_later_stages_prefer_its_model(tmp_path):
+    """--stage relu without a diffusion.pt names the missing base; after a relu stage, every later stage's base
+    (without --init_from) is relu.pt, while the relu stage itself still starts from diffusion.pt."""
+    with pytest.raises(FileNotFoundError, match="--stage relu: no softmax base .*diffusion.pt"):
+        train.main(["--stage", "relu", "--out_dir", str(tmp_path), "--steps", "1"])
+    assert train.default_base(str(tmp_path), "ufogen") == str(tmp_path / "diffusion.pt")
+    (tmp_path / "relu.pt").write_bytes(b"")
+    assert train.default_base(str(tmp_path), "ufogen") == str(tmp_path / "relu.pt")
+    assert train.default_base(str(tmp_path), "lora") == str(tmp_path / "relu.pt")
+    assert train.default_base(str(tmp_path), "relu") == str(tmp_path / "diffusion.pt")

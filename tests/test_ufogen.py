@@ -254,3 +254,30 @@ def test_distill_stage_end_to_end(tiny_base, tmp_path):
                 "--out_dir", str(out), "--eval_images", "4", "--distill_target_steps", "4", "--distill_teacher_steps", "8"])
     ev = json.load(open(out / "eval.json"))
     assert {"color", "background", "shape", "ms_per_image"} <= set(ev["4step"])
+
+
+def test_d_accuracy_by_hand():
+    """Right on 3 of 4 real locations and 1 of 4 fake ones: (0.75 + 0.25) / 2; a neutral D (logits 0) is at 0."""
+    real, fake = torch.tensor([1.0, 2.0, 0.5, -1.0]), torch.tensor([-1.0, 1.0, 2.0, 0.0])
+    assert U.d_accuracy(real, fake).item() == 0.5
+    assert U.d_accuracy(torch.tensor([1.0, 1.0]), torch.tensor([-1.0, 1.0])).item() == 0.75
+    assert U.d_accuracy(torch.zeros(4), torch.zeros(4)).item() == 0.0
+
+
+@pytest.mark.slow
+def test_ufogen_without_the_adversarial_term_trains_g_on_reconstruction_alone(tiny_base, tmp_path):
+    """--ufogen_adv false: G's adversarial loss is 0 and D is never stepped (its zero head stays zero, no d_loss
+    logged); with the term, D's loss and accuracy are logged every step and D moves."""
+    def run(adv, out):
+        train.main(["--stage", "ufogen", "--init_from", str(tiny_base / "diffusion.pt"), "--steps", "2", "--batch_size",
+                    "4", "--out_dir", str(tmp_path / out), "--eval_images", "2", "--log_every", "1", "--ufogen_d_every",
+                    "1", "--ufogen_adv", adv])
+        rows = [json.loads(x) for x in open(tmp_path / out / "metrics.jsonl") if '"ufogen"' in x]
+        return config.load_checkpoint(str(tmp_path / out / "ufogen.pt")), rows
+    off, rows_off = run("false", "off")
+    on, rows_on = run("true", "on")
+    assert off["d"]["unet.conv_out.weight"].abs().sum() == 0 and on["d"]["unet.conv_out.weight"].abs().sum() > 0
+    assert all(r.get("g_adv") == 0 and "d_loss" not in r for r in rows_off if "recon" in r)
+    assert all(0 <= r["d_acc"] <= 1 and r["d_loss"] > 0 for r in rows_on if "recon" in r)
+    ev = json.load(open(tmp_path / "off" / "eval.json"))["onestep"]
+    assert ev["sharpness"] > 0
