@@ -337,8 +337,9 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
     ft_steps, ddim = (2, 2) if quick else (RELU_FINETUNE_STEPS, ABLATION_DDIM)
     store = os.path.join(out_dir, "ablations.json")
     done = json.load(open(store)) if os.path.isfile(store) else {}
-    if done.get("budget") != {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}:
-        done = {"budget": {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}, "runs": {}}
+    setting = {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}
+    if done.get("budget") != setting:                                # another budget: its runs do not compare
+        done = {"budget": setting, "runs": {}}
     sets = ablation_eval_sets(train.TrainConfig().resolution, n)
     flags = ["--vae_ckpt", vae, "--sample_every", "0", "--eval_images", "1", "--eval_steps", "1", "--overwrite", "true",
              *(x for k, v in budget.items() for x in (f"--{k}", str(v)))]
@@ -398,15 +399,17 @@ def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: flo
              f"forward on this CPU, batch 1, fp32.", "",
              "| choice | md params (M) | md GMACs | md ms | toy params (M) | toy GMACs | toy ms | held-out shape | "
              "all-90 shape | all-90 colour | all-90 Fréchet | verdict |", "|" + "---|" * 12]
-    ref = None
+    ref, spread = None, []
     for i, (name, fields, claim) in enumerate(ABLATIONS):
         runs = [done["runs"].get(f"{name} / seed {s}") for s in range(seeds)]
         if any(r is None for r in runs):
             lines.append(f"| {name} | | | | | | | not run | | | | |")
             continue
+        if seeds > 1:
+            spread += [np.std([r[s]["shape"] for r in runs], ddof=1) for s in ("heldout", "all")]
         md_cfg, tiny_cfg = ablation_config("md", fields), ablation_config("tiny", fields)
         md_cost, toy_cost = md.unet_cost(md_cfg, 512), md.unet_cost(tiny_cfg, 64, text_len=16)
-        md_ms = unet_latency_ms(md_cfg, 64, 77, 1 if quick else 3) if not quick else float("nan")
+        md_ms = unet_latency_ms(md_cfg, 64, 77, 3) if not quick else float("nan")
         toy_ms = unet_latency_ms(tiny_cfg, 8, 16, 5 if quick else 100)
         q = {(s, k): [r[s][k] for r in runs] for s in ("heldout", "all") for k in ("shape", "color", "fd")}
         if ref is None:
@@ -417,10 +420,6 @@ def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: flo
                      f"{toy_cost['params_m']:.2f} | {toy_cost['gmacs']:.4f} | {toy_ms:.1f} | "
                      f"{mean_spread(q['heldout', 'shape'])} | {mean_spread(q['all', 'shape'])} | "
                      f"{mean_spread(q['all', 'color'])} | {mean_spread(q['all', 'fd'])} | {verdict} |")
-    measured = [[done["runs"][f"{n} / seed {k}"] for k in range(seeds)] for n, _, _ in ABLATIONS
-                if all(f"{n} / seed {k}" in done["runs"] for k in range(seeds))]
-    spread = [np.std([r[s]["shape"] for r in runs], ddof=1) for runs in measured for s in ("heldout", "all")
-              if seeds > 1]
     lines += ["", f"Resolution: on the held-out set one unseen combination drawn wrongly moves shape by about "
                   f"{100 / 9:.0f} points; on the all-90 set one combination is {100 / 90:.1f} points and one prompt "
                   f"{100 / n_all:.2f}. Seed spread (std of shape over the seeds, median over rows and sets): "
