@@ -127,8 +127,8 @@ def last_logged(metrics: str, stage: str, keys: tuple, last: int = 2) -> dict:
 def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int, data_name: str = "shapes") -> str:
     """Runs the 3 reconstruction losses x {full, LoRA}, and Eq. 1's reconstruction term without the adversarial
     one, on the tiny setup; prints Table 5's shape: for 1-step samples on held-out prompts, attribute accuracy,
-    a Frechet distance on pixel features, the sharpness against the data's, and D's loss and accuracy over
-    the last 50 steps (2 ln 2 = 1.386 and 0.5: a D that learned nothing)."""
+    a Frechet distance on pixel features, the sharpness against the data's, and D's loss and accuracy, the mean
+    of the last two metrics.jsonl lines that logged D (2 ln 2 = 1.386 and 0.5: a D that learned nothing)."""
     results = {}
     for recon, rank, adv in TABLE5_RUNS:
         name = f"{recon}-{'lora' if rank else 'full'}" + ("" if adv else "-noadv")
@@ -149,8 +149,8 @@ def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int, data_name
     def game(r):
         return "off" if np.isnan(r["d_loss"]) else f"{r['d_loss']:.3f} / {r['d_acc']:.2f}"
     lines = [f"Base {base_ckpt}, data {data_name}, {steps} UFOGen steps each, {eval_images} held-out prompts, one "
-             f"step. Sharpness: the samples' edge sharpness over the data's (data.sharpness). D: loss / accuracy "
-             f"over the last 50 steps (chance: 1.386 / 0.50).", "",
+             f"step. Sharpness: the samples' edge sharpness over the data's (data.sharpness). D: loss / accuracy, "
+             f"the mean of its last two logged steps (chance: 1.386 / 0.50).", "",
              "| reconstruction loss | full: col / bg / shape | Fréchet | sharpness | D | LoRA r8: col / bg / shape | "
              "Fréchet | sharpness | D | paper FID, full / LoRA |", "|" + "---|" * 10]
     for recon in ("diffusion", "distill", "ema"):
@@ -281,7 +281,8 @@ ABLATIONS = [
 ]
 ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run; the default run's stage: 600 x 64
 RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
-ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): 384 prompts a run, half DDIM-50's time
+ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): half DDIM-50's time
+ABLATION_ALL = 8                    # prompts over all 90 combinations per held-out prompt: 1024 at --n 128
 ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
 ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
 
@@ -311,10 +312,12 @@ def unet_latency_ms(cfg: md.UNetConfig, latent: int, text_len: int, repeats: int
 
 
 def ablation_eval_sets(resolution: int, n: int) -> dict:
-    """The ablations' evaluation: n held-out prompts (9 unseen combinations) and 2n prompts over all 90
-    combinations (new images of the 81 seen ones too), with their real images for the Frechet distance."""
+    """The ablations' evaluation: n held-out prompts (9 unseen combinations) and ABLATION_ALL x n prompts over all
+    90 combinations (new images of the 81 seen ones too), with their real images for the Frechet distance. Every
+    run reads the same prompts from the same initial noise (evaluate_t2i seeds each batch by its index), so two
+    rows of one training seed differ by their models only: the verdicts compare them seed by seed."""
     sets = {}
-    for split, k in (("heldout", n), ("all", 2 * n)):
+    for split, k in (("heldout", n), ("all", ABLATION_ALL * n)):
         ds = data.Shapes(split, resolution)
         items = [ds[i] for i in range(k)]
         sets[split] = ([c for _, c in items], torch.stack([im for im, _ in items]))
@@ -325,9 +328,10 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
     """Trains every ABLATIONS row at the same toy budget for `seeds` seeds (a fresh diffusion stage each, on the
     default run's VAE) and measures it: params and GMACs (md at 512px and the toy), CPU ms of one forward, and
     DDIM-25 + CFG 3 quality (the checker and the pixel Frechet distance) as mean and spread over the seeds.
-    rows: indices into ABLATIONS (default all; the finetuned row needs row 0). Results go to out_dir/ablations.json
-    after every run, so a stopped report continues where it was; each run keeps its inference weights
-    (row<i>_seed<s>/diffusion.safetensors), and only the design's runs keep their training checkpoint."""
+    rows: indices into ABLATIONS (default all; row 0, the design, always runs: every verdict compares with it and
+    the finetuned row starts from it). Results go to out_dir/ablations.json after every run, so a stopped report
+    continues where it was; each run keeps its inference weights (row<i>_seed<s>/diffusion.safetensors), and only
+    the design's runs keep their training checkpoint."""
     vae = next((p for p in (os.path.join(run_dir, f) for f in ("decoder.pt", "vae.pt")) if os.path.isfile(p)), None)
     if vae is None:
         raise FileNotFoundError(f"--ablations: no VAE in {run_dir} (decoder.pt / vae.pt); train it first: "
@@ -337,15 +341,13 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
     ft_steps, ddim = (2, 2) if quick else (RELU_FINETUNE_STEPS, ABLATION_DDIM)
     store = os.path.join(out_dir, "ablations.json")
     done = json.load(open(store)) if os.path.isfile(store) else {}
-    setting = {**budget, "finetune": ft_steps, "ddim": ddim, "n": n}
+    setting = {**budget, "finetune": ft_steps, "ddim": ddim, "n": n, "all": ABLATION_ALL * n}
     if done.get("budget") != setting:                                # another budget: its runs do not compare
         done = {"budget": setting, "runs": {}}
     sets = ablation_eval_sets(train.TrainConfig().resolution, n)
     flags = ["--vae_ckpt", vae, "--sample_every", "0", "--eval_images", "1", "--eval_steps", "1", "--overwrite", "true",
              *(x for k, v in budget.items() for x in (f"--{k}", str(v)))]
-    rows = sorted(set(range(len(ABLATIONS)) if rows is None else rows))
-    if any(ABLATIONS[i][1] == "finetune" for i in rows) and 0 not in rows:
-        rows = [0] + rows                                            # the finetuned row starts from the design's runs
+    rows = sorted({0, *(range(len(ABLATIONS)) if rows is None else rows)})   # the design: every verdict's reference
     for seed in range(seeds):
         for i in rows:
             name, fields, _ = ABLATIONS[i]
@@ -386,60 +388,81 @@ def mean_spread(values: list) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
+# Student's t at 97.5% by degrees of freedom: a paired difference over k seeds counts when its mean is beyond
+# T975[k - 1] standard errors (a two-sided 95% paired t-test); 1.96 past the table.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired(a: list, b: list) -> tuple[float, float, float]:
+    """Seed-by-seed differences a - b: their mean, sample std, and the smallest |mean| a paired t-test at 95%
+    calls (T975 x std / sqrt(k)); inf with one seed."""
+    d = np.array(a, dtype=float) - np.array(b, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), float("inf")
+    sd = float(d.std(ddof=1))
+    return float(d.mean()), sd, T975.get(len(d) - 1, 1.96) * sd / len(d) ** 0.5
+
+
 def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: float) -> str:
-    """The ablation table (markdown) with every row's cost, quality over the seeds and its verdict."""
+    """The ablation table (markdown) with every row's cost, quality over the seeds and its verdict against the
+    design (row 0) seed by seed."""
     b = done["budget"]
     n_held, n_all = (len(sets[s][0]) for s in ("heldout", "all"))
     lines = [f"# 3.2 / 3.3 ablations at toy scale (report.py --ablations{' --quick' if quick else ''})", "",
              f"Each row: a diffusion stage of {b['steps']} steps x batch {b['batch_size']} ({b['train_images']} cached "
              f"latents), seeds 0..{seeds - 1}; the finetuned row adds {b['finetune']} relu steps to the design's run. "
              f"Quality: DDIM-{b['ddim']} + CFG 3 on {n_held} held-out prompts (9 unseen combinations) and {n_all} "
-             f"prompts over all 90 combinations; mean ± std over the seeds. Cost: params (M) and GMACs of one UNet "
-             f"evaluation, md at 512px (64x64 latent, 77 tokens) and the toy (8x8 latent, 16 tokens); ms: one UNet "
-             f"forward on this CPU, batch 1, fp32.", "",
+             f"prompts over all 90 combinations, the same prompts and initial noise for every run; mean ± std over "
+             f"the seeds. Verdict: the row minus the design, seed by seed, on the all-90 set (mean ± std of the "
+             f"differences; a paired t-test at 95%). Cost: params (M) and GMACs of one UNet evaluation, md at 512px "
+             f"(64x64 latent, 77 tokens) and the toy (8x8 latent, 16 tokens); ms: one UNet forward on this CPU, "
+             f"batch 1, fp32.", "",
              "| choice | md params (M) | md GMACs | md ms | toy params (M) | toy GMACs | toy ms | held-out shape | "
              "all-90 shape | all-90 colour | all-90 Fréchet | verdict |", "|" + "---|" * 12]
-    ref, spread = None, []
+    ref, row_sd, pair_sd, called = None, [], [], []
     for i, (name, fields, claim) in enumerate(ABLATIONS):
         runs = [done["runs"].get(f"{name} / seed {s}") for s in range(seeds)]
         if any(r is None for r in runs):
             lines.append(f"| {name} | | | | | | | not run | | | | |")
             continue
-        if seeds > 1:
-            spread += [np.std([r[s]["shape"] for r in runs], ddof=1) for s in ("heldout", "all")]
         md_cfg, tiny_cfg = ablation_config("md", fields), ablation_config("tiny", fields)
         md_cost, toy_cost = md.unet_cost(md_cfg, 512), md.unet_cost(tiny_cfg, 64, text_len=16)
         md_ms = unet_latency_ms(md_cfg, 64, 77, 3) if not quick else float("nan")
         toy_ms = unet_latency_ms(tiny_cfg, 8, 16, 5 if quick else 100)
         q = {(s, k): [r[s][k] for r in runs] for s in ("heldout", "all") for k in ("shape", "color", "fd")}
-        if ref is None:
+        if seeds > 1:
+            row_sd.append(float(np.std(q["all", "shape"], ddof=1)))
+        if i == 0:                                                   # ablations() always runs the design
             ref, verdict = q, "reference"
         else:
             verdict = ablation_verdict(q, ref, claim)
+            _, sd, least = paired(q["all", "shape"], ref["all", "shape"])
+            pair_sd.append(sd)
+            called.append(least)
         lines.append(f"| {name} | {md_cost['params_m']:.1f} | {md_cost['gmacs']:.1f} | {md_ms:.0f} | "
                      f"{toy_cost['params_m']:.2f} | {toy_cost['gmacs']:.4f} | {toy_ms:.1f} | "
                      f"{mean_spread(q['heldout', 'shape'])} | {mean_spread(q['all', 'shape'])} | "
                      f"{mean_spread(q['all', 'color'])} | {mean_spread(q['all', 'fd'])} | {verdict} |")
-    lines += ["", f"Resolution: on the held-out set one unseen combination drawn wrongly moves shape by about "
-                  f"{100 / 9:.0f} points; on the all-90 set one combination is {100 / 90:.1f} points and one prompt "
-                  f"{100 / n_all:.2f}. Seed spread (std of shape over the seeds, median over rows and sets): "
-                  f"{100 * float(np.median(spread)) if spread else float('nan'):.1f} points. A difference counts in "
-                  f"the "
-                  f"verdict only if it exceeds twice the larger of the two rows' std on the all-90 set.",
+    med = lambda v: 100 * float(np.median(v)) if v else float("nan")                       # noqa: E731
+    lines += ["", f"Resolution (shape, in points): on the held-out set one unseen combination drawn wrongly moves "
+                  f"shape by about {100 / 9:.0f}; on the all-90 set one combination by {100 / 90:.1f} and one prompt "
+                  f"by {100 / n_all:.2f}, and one reading's binomial s.e. at 0.6 is {100 * (0.24 / n_all) ** 0.5:.1f}. "
+                  f"Seed spread on the all-90 set, median over rows: {med(row_sd):.1f} (std of one row over the "
+                  f"seeds), {med(pair_sd):.1f} (std of a row's difference from the design, seed by seed); the "
+                  f"smallest difference the verdict calls: {med(called):.1f} (median over rows).",
               f"Training and evaluating the runs took {sum(r['minutes'] for r in done['runs'].values()):.1f} min in "
               f"all (ablations.json: each run's minutes); this call, {minutes:.1f} min."]
     return "\n".join(lines)
 
 
 def ablation_verdict(q: dict, ref: dict, claim: str) -> str:
-    """The row against the design on the all-90 set: better / worse / no difference beyond the seed spread, on
-    shape accuracy and the Frechet distance; then the paper's claim it is read against."""
+    """The row against the design on the all-90 set, seed by seed: better / worse / same by a paired t-test at 95%
+    on shape accuracy and the Frechet distance (mean ± std of the differences); then the paper's claim."""
     words = []
     for key, sign, what in ((("all", "shape"), 1, "shape"), (("all", "fd"), -1, "Fréchet")):
-        a, b = np.array(q[key]), np.array(ref[key])
-        d, noise = a.mean() - b.mean(), 2 * max(a.std(ddof=1) if len(a) > 1 else 0, b.std(ddof=1) if len(b) > 1 else 0)
-        words.append(f"{what} {'better' if sign * d > noise else 'worse' if -sign * d > noise else 'same'} "
-                     f"({d:+.3f})")
+        d, sd, least = paired(q[key], ref[key])
+        words.append(f"{what} {'better' if sign * d > least else 'worse' if -sign * d > least else 'same'} "
+                     f"({d:+.3f} ± {sd:.3f})")
     return ", ".join(words) + f"; paper {claim}"
 
 

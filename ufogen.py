@@ -82,12 +82,14 @@ class DistillConfig:                 # train.py --stage distill; flags --distill
 # (at t' = 749, alpha = 0.18), so D cannot see what is wrong with G(x_T) -- its loss stays at 2 ln 2 -- while
 # uniform t spends most of G's updates at small t, which one-step sampling never visits. Drawing t near T
 # (t_power 4: 68% of t above 0.75 T) with t' = t - 750 (alpha 0.81 at t' = 249) gives D a clear view of
-# one-step samples; D learns faster (5x lr, no clamp), and lambda 0.1 lets the adversarial term sharpen
-# the blurry E[x0 | x_T] that the reconstruction term alone would converge to (4.2). D steps on every other
-# iteration, as in UFOGen's code: D is a whole UNet, so at d_every 1 it costs three times G's work per image.
+# one-step samples, and lambda 0.1 lets the adversarial term sharpen the blurry E[x0 | x_T] that the
+# reconstruction term alone would converge to (4.2). D's lr is 0.3x G's (1e-4 at G's 3e-4, UFOGen's released
+# D lr): at 5x, with Adam's beta1 = 0, D's steps are as large as its signal and it stays at chance (loss
+# 2 ln 2) for all 200 steps, so G's adversarial gradient carries nothing. D steps on every other iteration,
+# as in UFOGen's code: D is a whole UNet, so at d_every 1 it costs three times G's work per image.
 PRESETS = {
     "paper": UFOGenConfig(),
-    "tiny": UFOGenConfig(gap=750, t_power=4.0, lam=0.1, d_lr_mult=5.0, logit_clamp=0.0, d_every=2),
+    "tiny": UFOGenConfig(gap=750, t_power=4.0, lam=0.1, d_lr_mult=0.3, logit_clamp=0.0, d_every=2),
 }
 # The 8-step student's teacher: 5.2's DDIM-50, or for the tiny run a 16-step teacher, two teacher steps per
 # student step as in progressive distillation (Salimans & Ho 2022): the teacher's guided steps are most of

@@ -196,15 +196,19 @@ def test_vae_report_reads_reconstructions_with_the_checker(tmp_path):
 
 
 def test_ablation_statistics_by_hand():
-    """mean ± sample std over seeds; a row differs from the design only beyond twice the larger std."""
+    """mean ± sample std over seeds; a row differs from the design when its seed-by-seed difference passes a
+    paired t-test at 95%: |mean d| > t(0.975, k - 1) x std(d) / sqrt(k), by hand for k = 3 (t = 4.303)."""
     assert report.mean_spread([0.5, 0.7]) == "0.600 ± 0.141"
     assert report.mean_spread([0.25]) == "0.250 ± 0.000"
-    ref = {("all", "shape"): [0.80, 0.82, 0.78], ("all", "fd"): [3.0, 3.2, 2.8]}          # std 0.02 / 0.2
-    same = {("all", "shape"): [0.81, 0.83, 0.79], ("all", "fd"): [3.1, 3.3, 2.9]}
-    worse = {("all", "shape"): [0.70, 0.72, 0.68], ("all", "fd"): [4.0, 4.2, 3.8]}
-    assert report.ablation_verdict(same, ref, "3.2: x").startswith("shape same (+0.010), Fréchet same (+0.100)")
-    want = "shape worse (-0.100), Fréchet worse (+1.000); paper 3.2: x"
-    assert report.ablation_verdict(worse, ref, "3.2: x") == want
+    mean, sd, least = report.paired([0.61, 0.70, 0.82], [0.60, 0.70, 0.80])       # d = 0.01, 0.00, 0.02
+    assert (round(mean, 6), round(sd, 6), round(least, 6)) == (0.01, 0.01, round(4.303 * 0.01 / 3 ** 0.5, 6))
+    assert report.paired([0.5], [0.4])[2] == float("inf")                           # one seed calls nothing
+    ref = {("all", "shape"): [0.60, 0.70, 0.80], ("all", "fd"): [3.0, 3.2, 2.8]}    # seed std 0.1: wide
+    same = {("all", "shape"): [0.61, 0.70, 0.82], ("all", "fd"): [3.1, 3.2, 2.95]}
+    worse = {("all", "shape"): [0.55, 0.66, 0.74], ("all", "fd"): [4.0, 4.2, 3.8]}  # 5 points below, every seed
+    assert report.ablation_verdict(same, ref, "3.2: x").startswith("shape same (+0.010 ± 0.010), Fréchet same")
+    want = "shape worse (-0.050 ± 0.010), Fréchet worse (+1.000 ± 0.000); paper 3.2: x"
+    assert report.ablation_verdict(worse, ref, "3.2: x") == want    # inside the rows' own spread, yet called
 
 
 def test_ablation_rows_change_one_choice_each():
