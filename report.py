@@ -209,9 +209,10 @@ def plugins_report(base: str, onestep: dict, lora: str, adapter: str, out_dir: s
     vae = base_pipe.vae
     styled_ds = data.Shapes("heldout", base_pipe.resolution, style="outlined", geometry=geometry)   # the same, outlined
     styled = torch.stack([styled_ds[i][0] for i in range(n)])
-    recon = vae.decode(vae.encode(styled.to(device)).mode()).cpu()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(styled.to(device)).mode()).cpu()
+        rec = vae.decode(vae.encode(ev["images"]).mode()).cpu()
     ceil_style = data.attribute_accuracy(recon, ev["style_prompts"])
-    rec = vae.decode(vae.encode(ev["images"]).mode()).cpu()
     ceil_psnr = keep_psnr(rec, ev["images"].cpu(), ev["mask"].cpu())
     ceil_cell = keep_psnr(rec, ev["images"].cpu(), cell_mask(ev["mask"].cpu(), vae.cfg.factor))
 

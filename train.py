@@ -488,30 +488,35 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     base, unet, vae, text, base_conf, cfg = load_base(cfg, device)
     sched = generator_schedule(base_conf)               # the base's noise levels and parameterisation
     teacher = copy.deepcopy(unet).requires_grad_(False) if ufo_cfg.recon == "distill" else None   # Eq. 2
-    disc = ufogen.Discriminator(unet).to(device)                                  # 4.1: from the base
+    # 4.1: D from the base; none without the adversarial term (Table 5's last row), which never runs it
+    disc = ufogen.Discriminator(unet).to(device) if ufo_cfg.adv else None
     gen = unet.requires_grad_(True)              # G is the base itself: no third copy (SD-1.5: 3.4 GB fp32)
     if ufo_cfg.lora_rank:                                                                     # 4.3
         g_params = plugins.add_lora(gen, ufo_cfg.lora_rank, ufo_cfg.lora_alpha, ufo_cfg.lora_convs)
     else:
         g_params = list(gen.parameters())
     gen_ema = share_frozen(copy.deepcopy(gen), gen).requires_grad_(False)        # Eq. 3, and sampling
-    md.set_grad_checkpointing(gen, cfg.grad_checkpoint)                           # G and D alike
-    md.set_grad_checkpointing(disc, cfg.grad_checkpoint)
     adam = dict(kind=torch.optim.Adam, weight_decay=0.0)                                   # UFOGen's code
     opt_g = make_optimizer(g_params, cfg, cfg.lr, **adam)
-    opt_d = make_optimizer(disc.parameters(), cfg, cfg.lr * ufo_cfg.d_lr_mult, (0.0, cfg.beta2), **adam)  # D: beta1 0
+    md.set_grad_checkpointing(gen, cfg.grad_checkpoint)                           # G and D alike
+    d_state = {}                                                   # D and its Adam, by checkpoint key
+    if disc is not None:
+        md.set_grad_checkpointing(disc, cfg.grad_checkpoint)
+        opt_d = make_optimizer(disc.parameters(), cfg, cfg.lr * ufo_cfg.d_lr_mult, (0.0, cfg.beta2), **adam)  # beta1 0
+        d_state = dict(d=disc, opt_d=opt_d)
     scaler = LossScaler(cfg, device)                                 # one scale for both players' losses
     path, start = os.path.join(cfg.out_dir, f"{cfg.stage}.pt"), 0
     ck = stage_checkpoint(cfg, path, rank)
     if ck is not None:
         config.refuse_if_mismatch(path, "UFOGen", ck["config"]["ufogen"], ufo_cfg)
-        start = restore(ck, g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
+        start = restore(ck, g_raw=gen, g_ema_raw=gen_ema, opt_g=opt_g, scaler=scaler, **d_state)
     if rank == 0:
         how = f"LoRA rank {ufo_cfg.lora_rank}" if ufo_cfg.lora_rank else "full finetuning"
         n_g = sum(p.numel() for p in g_params)
         print(f"ufogen: from {base}, recon={ufo_cfg.recon}, {how} ({n_g / 1e6:.2f}M trained G params), "
-              f"D {md.count_params(disc) / 1e6:.1f}M, gap {ufo_cfg.gap}")
-    g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device)
+              + (f"D {md.count_params(disc) / 1e6:.1f}M" if disc is not None else "no D (--ufogen_adv false)")
+              + f", gap {ufo_cfg.gap}")
+    g_net, d_net = wrap(gen, cfg, world, device), wrap(disc, cfg, world, device) if disc is not None else None
     dataset, stream, log = stage_data(cfg, rank, world, start, device, vae)
     prompts = grid_prompts(cfg, dataset)
     null, meter, t0 = null_context(text), Meter(world, device), time.time()   # null: (1, L, D)
@@ -536,8 +541,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                 fake = sample.q_sample(sched, x0_pred, t_prev, e_fake)           # x'_{t-1} ~ q(.|x0'), grad
                 # D step: real vs detached fake. UFOGen's code steps D on every other iteration only
                 # (d_every = 2) and draws fresh t and noise for it; we reuse G's forward, same distribution.
-                disc.requires_grad_(True)
                 if d_step:
+                    disc.requires_grad_(True)
                     logits_real, logits_fake = d_net(real, t_d, ctx), d_net(fake.detach(), t_d, ctx)
                     loss_d = ufogen.d_loss(logits_real, logits_fake, ufo_cfg.logit_clamp)
             if d_step:
@@ -545,7 +550,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                 meter.add(d_loss=loss_d, d_acc=ufogen.d_accuracy(logits_real, logits_fake))
             with autocast(cfg, device):
                 # G step: adversarial through a frozen D, plus lambda * (gamma_t) * reconstruction.
-                disc.requires_grad_(False)
+                if ufo_cfg.adv:
+                    disc.requires_grad_(False)
                 loss_adv = (ufogen.g_adv_loss(d_net(fake, t_d, ctx), ufo_cfg.logit_clamp) if ufo_cfg.adv
                             else torch.zeros((), device=device))
                 target = ufogen.recon_target(ufo_cfg, z0, x_t, t, ctx, sched, teacher, gen_ema, uncond)
@@ -554,8 +560,8 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                 loss_g = loss_adv + ufo_cfg.lam * loss_rec
             scaler.backward(loss_g / cfg.grad_accum)
             meter.add(g_adv=loss_adv, recon=loss_rec)
-        disc.requires_grad_(True)
         if d_step:                                        # (G's backward left no grads in D: it was frozen)
+            disc.requires_grad_(True)
             clip_and_step(disc.parameters(), opt_d, cfg, step, scaler)
         clip_and_step(g_params, opt_g, cfg, step, scaler)
         ema_update(gen_ema, gen, ufo_cfg.g_ema_decay)
@@ -563,18 +569,18 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
         if rank == 0 and save_due(step, cfg):
             save_generator(path, cfg, step + 1, gen, gen_ema, text, vae, base_conf,
                            {"ufogen": ufo_cfg, "schedule": sched["cfg"]},
-                           g_raw=gen, g_ema_raw=gen_ema, d=disc, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
+                           g_raw=gen, g_ema_raw=gen_ema, opt_g=opt_g, scaler=scaler, **d_state)
         if rank == 0 and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             progress_grid(cfg, gen_ema, vae, text, sched, device, prompts, step + 1,
                           **sample.SAMPLING["onestep"])
     log.close()
     if rank == 0:
         # G forward + backward (6 G); D forwards real, fake, fake-through-G, backs all three (18 D / d_every).
-        g_macs, d_macs = latent_macs(gen, cfg, vae, null), latent_macs(disc, cfg, vae, null)
-        flops = 6 * g_macs + 18 * d_macs / ufo_cfg.d_every * ufo_cfg.adv
+        g_macs = latent_macs(gen, cfg, vae, null)
+        flops = 6 * g_macs + (18 * latent_macs(disc, cfg, vae, null) / ufo_cfg.d_every if disc is not None else 0)
         finish_stage(cfg, log, start, t0, device, flops, ["d_loss", "d_acc", "g_adv", "recon"])
         # Free G, D and their optimisers first: at the md preset they are ~14 GB; the report loads two more.
-        del gen, gen_ema, disc, g_net, d_net, opt_g, opt_d, g_params, teacher, unet
+        del gen, gen_ema, disc, g_net, d_net, opt_g, d_state, g_params, teacher, unet
         evaluate.one_step_report(cfg, base, path, device)
         export_weights(path)
     return path
