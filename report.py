@@ -9,7 +9,7 @@ left in out/tiny, each row marked measured or quoted:
   python report.py --plugins          5.4: every plugin x {base DDIM-50, the one-step models} ->
                                       out/tiny/plugins/plugins.md / .json / .png (~3 min)
   python report.py --ablations        3.2 / 3.3: every architecture choice against the MD design, each trained at one
-                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (docs/results.md)
+                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (~75 min)
 
 It sits on top of every other file (config.py lists the layers) and holds no method of the paper itself.
 """

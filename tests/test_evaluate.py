@@ -245,7 +245,12 @@ def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkey
     assert "not run" in rows[report.ABLATIONS[4][0]]
     r = [runs[f"{names[1]} / seed {s}"]["all"]["shape"] for s in (0, 1)]
     assert report.mean_spread(r) in rows[names[1]]
-    assert "Resolution:" in text and (out / "ablations.md").read_text().strip() == text.strip()
+    a, b = ([runs[f"{n} / seed {s}"]["all"]["shape"] for s in (0, 1)] for n in names[:2])
+    d = [b[0] - a[0], b[1] - a[1]]                          # the row minus the design, seed by seed, by hand
+    want = f"({(d[0] + d[1]) / 2:+.3f} ± {abs(d[0] - d[1]) / 2 ** 0.5:.3f})"
+    assert want.replace("-0.000", "+0.000") in rows[names[1]].replace("-0.000", "+0.000")
+    assert "Resolution (shape, in points)" in text and "std of a row's difference from the design" in text
+    assert (out / "ablations.md").read_text().strip() == text.strip()
     monkeypatch.setattr(report.train, "main", lambda argv: pytest.fail("trained again"))
     def quality(t):                                                # every cell but the two timings (cols 3, 6)
         return [c[:3] + c[4:6] + c[7:] for c in (ln.split(" | ") for ln in t.splitlines() if ln.startswith("| "))]
