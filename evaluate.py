@@ -287,16 +287,21 @@ def diffusion_report(cfg, pipe) -> dict:
     print(f"eval ({len(prompts)} held-out prompts, {name} + CFG {cfg.guidance}): "
           + ", ".join(f"{k} {v:.3f}" if k != "ms_per_image" else f"{v:.1f} ms/image" for k, v in res.items()))
     if data.is_shapes(cfg.data):
-        print(checker_resolution(len(prompts)))
+        print(checker_resolution(len(prompts), res["shape"]))
     return res
 
 
-def checker_resolution(n: int) -> str:
-    """What one reading of the checker on n held-out shapes prompts can resolve: one prompt, one of the held-out
+def binomial_se(p: float, n: int) -> float:
+    """The binomial standard error, in points, of an accuracy p read on n independent prompts."""
+    return 100 * (p * (1 - p) / n) ** 0.5
+
+
+def checker_resolution(n: int, p: float) -> str:
+    """What one reading p of the checker on n held-out shapes prompts can resolve: one prompt, one of the held-out
     combinations (a model tends to get a combination right or wrong as a whole), the binomial standard error."""
     k = len(data.heldout_combos())
     return (f"  resolution: one prompt = {100 / n:.1f} points, one of the {k} held-out combinations ~{100 / k:.0f}; "
-            f"binomial s.e. at 0.9: {100 * (0.09 / n) ** 0.5:.1f} points (seed spread: docs/results.md)")
+            f"binomial s.e. at {p:.2f}: {binomial_se(p, n):.1f} points (seed spread: docs/results.md)")
 
 
 def relu_report(cfg, softmax: float, curve: dict) -> dict:

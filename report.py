@@ -30,7 +30,8 @@ import md
 import plugins
 import sample
 import train
-from evaluate import cell_mask, evaluate_t2i, heldout_images, heldout_prompts, keep_psnr, measure_plugin, plugin_heldout
+from evaluate import (binomial_se, cell_mask, evaluate_t2i, heldout_images, heldout_prompts, keep_psnr, measure_plugin,
+                      plugin_heldout)
 
 # ----------------------------------------------------------------------------------------------------
 # Tables 1, 2, 4 and 5 and 5.4 in one report (--paper_tables)
@@ -444,10 +445,13 @@ def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: flo
                      f"{toy_cost['params_m']:.2f} | {toy_cost['gmacs']:.4f} | {toy_ms:.1f} | "
                      f"{mean_spread(q['heldout', 'shape'])} | {mean_spread(q['all', 'shape'])} | "
                      f"{mean_spread(q['all', 'color'])} | {mean_spread(q['all', 'fd'])} | {verdict} |")
-    med = lambda v: 100 * float(np.median(v)) if v else float("nan")                       # noqa: E731
+    def med(v):                                                      # median over rows, in points
+        return 100 * float(np.median(v)) if v else float("nan")
+    p = float(np.mean(ref["all", "shape"])) if ref else 0.5          # the design's all-90 shape
     lines += ["", f"Resolution (shape, in points): on the held-out set one unseen combination drawn wrongly moves "
                   f"shape by about {100 / 9:.0f}; on the all-90 set one combination by {100 / 90:.1f} and one prompt "
-                  f"by {100 / n_all:.2f}, and one reading's binomial s.e. at 0.6 is {100 * (0.24 / n_all) ** 0.5:.1f}. "
+                  f"by {100 / n_all:.2f}, and one reading's binomial s.e. at the design's {p:.2f} is "
+                  f"{binomial_se(p, n_all):.1f}. "
                   f"Seed spread on the all-90 set, median over rows: {med(row_sd):.1f} (std of one row over the "
                   f"seeds), {med(pair_sd):.1f} (std of a row's difference from the design, seed by seed); the "
                   f"smallest difference the verdict calls: {med(called):.1f} (median over rows).",

@@ -498,10 +498,10 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
     gen_ema = share_frozen(copy.deepcopy(gen), gen).requires_grad_(False)        # Eq. 3, and sampling
     adam = dict(kind=torch.optim.Adam, weight_decay=0.0)                                   # UFOGen's code
     opt_g = make_optimizer(g_params, cfg, cfg.lr, **adam)
-    md.set_grad_checkpointing(gen, cfg.grad_checkpoint)                           # G and D alike
+    md.set_grad_checkpointing(gen, cfg.grad_checkpoint)
     d_state = {}                                                   # D and its Adam, by checkpoint key
     if disc is not None:
-        md.set_grad_checkpointing(disc, cfg.grad_checkpoint)
+        md.set_grad_checkpointing(disc, cfg.grad_checkpoint)                      # as G's
         opt_d = make_optimizer(disc.parameters(), cfg, cfg.lr * ufo_cfg.d_lr_mult, (0.0, cfg.beta2), **adam)  # beta1 0
         d_state = dict(d=disc, opt_d=opt_d)
     scaler = LossScaler(cfg, device)                                 # one scale for both players' losses
@@ -552,8 +552,9 @@ def train_ufogen(cfg: TrainConfig, ufo_cfg: ufogen.UFOGenConfig, rank: int, worl
                 # G step: adversarial through a frozen D, plus lambda * (gamma_t) * reconstruction.
                 if ufo_cfg.adv:
                     disc.requires_grad_(False)
-                loss_adv = (ufogen.g_adv_loss(d_net(fake, t_d, ctx), ufo_cfg.logit_clamp) if ufo_cfg.adv
-                            else torch.zeros((), device=device))
+                    loss_adv = ufogen.g_adv_loss(d_net(fake, t_d, ctx), ufo_cfg.logit_clamp)
+                else:
+                    loss_adv = torch.zeros((), device=device)
                 target = ufogen.recon_target(ufo_cfg, z0, x_t, t, ctx, sched, teacher, gen_ema, uncond)
                 weighted = ufogen.recon_weighted(ufo_cfg)
                 loss_rec = ufogen.recon_loss(x0_pred.float(), target, t, sched, weighted=weighted)

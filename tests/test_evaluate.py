@@ -203,6 +203,7 @@ def test_ablation_statistics_by_hand():
     mean, sd, least = report.paired([0.61, 0.70, 0.82], [0.60, 0.70, 0.80])       # d = 0.01, 0.00, 0.02
     assert (round(mean, 6), round(sd, 6), round(least, 6)) == (0.01, 0.01, round(4.303 * 0.01 / 3 ** 0.5, 6))
     assert report.paired([0.5], [0.4])[2] == float("inf")                           # one seed calls nothing
+    assert round(report.binomial_se(0.6, 1024), 4) == 1.5309                        # 100 sqrt(0.6 x 0.4 / 1024)
     ref = {("all", "shape"): [0.60, 0.70, 0.80], ("all", "fd"): [3.0, 3.2, 2.8]}    # seed std 0.1: wide
     same = {("all", "shape"): [0.61, 0.70, 0.82], ("all", "fd"): [3.1, 3.2, 2.95]}
     worse = {("all", "shape"): [0.55, 0.66, 0.74], ("all", "fd"): [4.0, 4.2, 3.8]}  # 5 points below, every seed
