@@ -67,16 +67,17 @@ def heldout_prompts(cfg, n: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate_t2i(pipe, prompts: list[str], batch: int = 64, real: torch.Tensor | None = None, checker: bool = True,
-                 **sample_kw) -> dict:
+                 seed: int = 0, **sample_kw) -> dict:
     """Attribute accuracy (data.check_attributes vs the prompt; `checker`: the synthetic shapes only) of generated
     images, wall ms per image, and with `real` images the Frechet distance on pixel features ("fd"). Per-image
     tensors among sample_kw (cond, init, mask: one row per prompt) are batched with their prompts, in batches
-    of at most `batch` (fewer at high resolutions: data.images_per_call)."""
+    of at most `batch` (fewer at high resolutions: data.images_per_call). The batch from prompt i starts from the
+    noise of seed + i: every call with the same seed reads the same prompts from the same initial noise."""
     images, t0 = [], time.perf_counter()
     batch = data.images_per_call(sample_kw.get("height") or pipe.resolution, batch)
     for i in range(0, len(prompts), batch):
         kw = {k: v[i:i + batch] if torch.is_tensor(v) and len(v) == len(prompts) else v for k, v in sample_kw.items()}
-        images.append(pipe.images(prompts[i:i + batch], seed=i, **kw).cpu())
+        images.append(pipe.images(prompts[i:i + batch], seed=seed + i, **kw).cpu())
     ms = 1000 * (time.perf_counter() - t0) / len(prompts)
     images = torch.cat(images)
     res = {**(data.attribute_accuracy(images, prompts) if checker else {}), "ms_per_image": ms}

@@ -285,6 +285,7 @@ ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run;
 RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
 ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): half DDIM-50's time
 ABLATION_ALL = 8                    # prompts over all 90 combinations per held-out prompt: 1024 at --n 128
+ABLATION_NOISE = (1_000_000, 2_000_000)  # evaluate_t2i seeds: the design's seed-0 model re-read from other noise
 ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
 ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
 
@@ -379,9 +380,28 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
             config.write_json(store, done)
             print(f"ablations: {key}: " + ", ".join(f"{s} shape {res[s]['shape']:.3f} fd {res[s]['fd']:.2f}"
                                                     for s in sets) + f" ({res['minutes']:.1f} min)")
+    if "eval_noise" not in done:
+        done["eval_noise"] = eval_noise(os.path.join(out_dir, "row0_seed0", "diffusion.pt"), done["runs"],
+                                        sets["all"], ddim)
+        config.write_json(store, done)
     text = ablation_table(done, seeds, sets, quick, (time.time() - t_start) / 60)
     config.write_text(os.path.join(out_dir, "ablations.md"), text + "\n")
     return text
+
+
+def eval_noise(ckpt: str, runs: dict, all_set: tuple, ddim: int) -> dict:
+    """The evaluation's own noise, measured: the design's seed-0 model read on the all-90 prompts from its run's
+    initial noise (ablations.json has it) and from len(ABLATION_NOISE) other draws. {"shape": [..], "fd": [..]}:
+    their spread is what a re-read of one model moves; the rest of a row's seed spread is its training's."""
+    prompts, real = all_set
+    first = runs[f"{ABLATIONS[0][0]} / seed 0"]["all"]
+    res = {k: [first[k]] for k in ("shape", "fd")}
+    pipe = sample.Pipeline.from_checkpoint(ckpt)
+    for offset in ABLATION_NOISE:
+        r, _ = evaluate_t2i(pipe, prompts, real=real, seed=offset, steps=ddim, guidance_scale=3.0)
+        for k in res:
+            res[k].append(r[k])
+    return res
 
 
 def mean_spread(values: list) -> str:
@@ -392,7 +412,19 @@ def mean_spread(values: list) -> str:
 
 # Student's t at 97.5% by degrees of freedom: a paired difference over k seeds counts when its mean is beyond
 # T975[k - 1] standard errors (a two-sided 95% paired t-test); 1.96 past the table.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
+
+
+RESOLVE = 0.03                      # the difference (shape accuracy) the resolution line says how to call
+
+
+def seeds_needed(sd: float, diff: float) -> str:
+    """The fewest seeds k with which a paired t-test at 95% calls a difference `diff` whose seed-by-seed
+    differences spread by `sd`: T975[k - 1] x sd / sqrt(k) <= diff; "> 31" past the table (or no spread known)."""
+    k = next((k for k in range(2, 32) if T975[k - 1] * sd / k ** 0.5 <= diff), None) if sd == sd else None
+    return str(k) if k is not None else "> 31"
 
 
 def paired(a: list, b: list) -> tuple[float, float, float]:
@@ -448,13 +480,20 @@ def ablation_table(done: dict, seeds: int, sets: dict, quick: bool, minutes: flo
     def med(v):                                                      # median over rows, in points
         return 100 * float(np.median(v)) if v else float("nan")
     p = float(np.mean(ref["all", "shape"])) if ref else 0.5          # the design's all-90 shape
+    noise = done["eval_noise"]
     lines += ["", f"Resolution (shape, in points): on the held-out set one unseen combination drawn wrongly moves "
                   f"shape by about {100 / 9:.0f}; on the all-90 set one combination by {100 / 90:.1f} and one prompt "
                   f"by {100 / n_all:.2f}, and one reading's binomial s.e. at the design's {p:.2f} is "
                   f"{binomial_se(p, n_all):.1f}. "
                   f"Seed spread on the all-90 set, median over rows: {med(row_sd):.1f} (std of one row over the "
                   f"seeds), {med(pair_sd):.1f} (std of a row's difference from the design, seed by seed); the "
-                  f"smallest difference the verdict calls: {med(called):.1f} (median over rows).",
+                  f"smallest difference the verdict calls: {med(called):.1f} (median over rows); at that spread a "
+                  f"{100 * RESOLVE:.0f}-point difference is called with {seeds_needed(med(pair_sd) / 100, RESOLVE)} "
+                  f"seeds. Re-reading the design's seed-0 model from {len(noise['shape'])} initial noises moves "
+                  f"shape by {100 * np.std(noise['shape'], ddof=1):.1f} (std; Fréchet by "
+                  f"{np.std(noise['fd'], ddof=1):.3f}): the evaluation's own noise; the rest of the seed spread is "
+                  f"training's (seeds differ in which combinations they have learned), which no finer evaluation "
+                  f"removes.",
               f"Training and evaluating the runs took {sum(r['minutes'] for r in done['runs'].values()):.1f} min in "
               f"all (ablations.json: each run's minutes); this call, {minutes:.1f} min."]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,6 +205,9 @@ def test_ablation_statistics_by_hand():
     assert (round(mean, 6), round(sd, 6), round(least, 6)) == (0.01, 0.01, round(4.303 * 0.01 / 3 ** 0.5, 6))
     assert report.paired([0.5], [0.4])[2] == float("inf")                           # one seed calls nothing
     assert round(report.binomial_se(0.6, 1024), 4) == 1.5309                        # 100 sqrt(0.6 x 0.4 / 1024)
+    assert report.seeds_needed(0.036, 0.03) == "9"          # k = 8: 2.365 x 3.6 / sqrt 8 = 3.01; k = 9: 2.77
+    assert report.seeds_needed(0.0, 0.03) == "2" and report.seeds_needed(float("nan"), 0.03) == "> 31"
+    assert report.seeds_needed(0.2, 0.03) == "> 31"         # k = 31: 2.042 x 20 / sqrt 31 = 7.3
     ref = {("all", "shape"): [0.60, 0.70, 0.80], ("all", "fd"): [3.0, 3.2, 2.8]}    # seed std 0.1: wide
     same = {("all", "shape"): [0.61, 0.70, 0.82], ("all", "fd"): [3.1, 3.2, 2.95]}
     worse = {("all", "shape"): [0.55, 0.66, 0.74], ("all", "fd"): [4.0, 4.2, 3.8]}  # 5 points below, every seed
@@ -224,6 +228,18 @@ def test_ablation_rows_change_one_choice_each():
     assert report.ablation_config("tiny", {}) == md.PRESETS["tiny"]                     # the toy trains softmax
     assert md.unet_cost(report.ablation_config("md", report.ABLATIONS[3][1]), 512)["params_m"] > \
         md.unet_cost(md.PRESETS["md"], 512)["params_m"]                                    # FF x4 costs params
+
+
+def test_evaluation_seed_picks_the_initial_noise(tiny_base):
+    """evaluate_t2i's batch from prompt i starts from the noise of seed + i: a call on prompts[2:] with seed 2
+    makes the same images as the whole call's last two; another seed, other images (report.eval_noise's draws)."""
+    pipe = S.Pipeline.from_checkpoint(str(tiny_base / "diffusion.pt"))
+    prompts = ev.heldout_prompts(train.TrainConfig(), 4)
+    kw = dict(batch=2, checker=False, steps=2, guidance_scale=3.0)
+    _, whole = ev.evaluate_t2i(pipe, prompts, **kw)
+    _, tail = ev.evaluate_t2i(pipe, prompts[2:], seed=2, **kw)
+    _, other = ev.evaluate_t2i(pipe, prompts, seed=report.ABLATION_NOISE[0], **kw)
+    assert torch.equal(whole[2:], tail) and (whole - other).abs().amax(dim=(1, 2, 3)).min() > 0.01
 
 
 @pytest.mark.slow
@@ -251,6 +267,10 @@ def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkey
     want = f"({(d[0] + d[1]) / 2:+.3f} ± {abs(d[0] - d[1]) / 2 ** 0.5:.3f})"
     assert want.replace("-0.000", "+0.000") in rows[names[1]].replace("-0.000", "+0.000")
     assert "Resolution (shape, in points)" in text and "std of a row's difference from the design" in text
+    noise = json.load(open(out / "ablations.json"))["eval_noise"]          # the design's seed 0, 3 noise draws
+    assert len(noise["shape"]) == len(noise["fd"]) == 3 and noise["fd"][0] == runs[f"{names[0]} / seed 0"]["all"]["fd"]
+    assert len(set(noise["fd"])) == 3                                      # other noise, other images
+    assert f"{100 * np.std(noise['shape'], ddof=1):.1f} (std; Fréchet by {np.std(noise['fd'], ddof=1):.3f})" in text
     assert (out / "ablations.md").read_text().strip() == text.strip()
     monkeypatch.setattr(report.train, "main", lambda argv: pytest.fail("trained again"))
     def quality(t):                                                # every cell but the two timings (cols 3, 6)
