@@ -369,10 +369,8 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
                        for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
                 train.main(["--stage", "diffusion", "--out_dir", d, "--seed", str(seed), *flags, *own])
                 ckpt = os.path.join(d, "diffusion.pt")
-            pipe, res = sample.Pipeline.from_checkpoint(ckpt), {}
-            for split, (prompts, real) in sets.items():
-                r, _ = evaluate_t2i(pipe, prompts, real=real, steps=ddim, guidance_scale=3.0)
-                res[split] = {k: r[k] for k in ("shape", "color", "background", "fd")}
+            pipe = sample.Pipeline.from_checkpoint(ckpt)
+            res = {split: ablation_read(pipe, prompts_real, ddim) for split, prompts_real in sets.items()}
             res["minutes"] = (time.time() - t0) / 60
             if i != 0:                                                  # its .safetensors stays; 4x smaller
                 os.remove(ckpt)
@@ -389,19 +387,22 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
     return text
 
 
+def ablation_read(pipe, prompts_real: tuple, ddim: int, seed: int = 0) -> dict:
+    """One reading of the ablations' evaluation: DDIM-ddim + CFG 3 on a set's (prompts, real images), from
+    evaluate_t2i's initial noise `seed`: the checker's accuracies and the pixel Frechet distance."""
+    prompts, real = prompts_real
+    r, _ = evaluate_t2i(pipe, prompts, real=real, seed=seed, steps=ddim, guidance_scale=3.0)
+    return {k: r[k] for k in ("shape", "color", "background", "fd")}
+
+
 def eval_noise(ckpt: str, runs: dict, all_set: tuple, ddim: int) -> dict:
     """The evaluation's own noise, measured: the design's seed-0 model read on the all-90 prompts from its run's
     initial noise (ablations.json has it) and from len(ABLATION_NOISE) other draws. {"shape": [..], "fd": [..]}:
     their spread is what a re-read of one model moves; the rest of a row's seed spread is its training's."""
-    prompts, real = all_set
-    first = runs[f"{ABLATIONS[0][0]} / seed 0"]["all"]
-    res = {k: [first[k]] for k in ("shape", "fd")}
     pipe = sample.Pipeline.from_checkpoint(ckpt)
-    for offset in ABLATION_NOISE:
-        r, _ = evaluate_t2i(pipe, prompts, real=real, seed=offset, steps=ddim, guidance_scale=3.0)
-        for k in res:
-            res[k].append(r[k])
-    return res
+    first = runs[f"{ABLATIONS[0][0]} / seed 0"]["all"]                  # its run's own reading, from seed 0
+    reads = [first, *(ablation_read(pipe, all_set, ddim, offset) for offset in ABLATION_NOISE)]
+    return {k: [r[k] for r in reads] for k in ("shape", "fd")}
 
 
 def mean_spread(values: list) -> str:
@@ -423,7 +424,7 @@ RESOLVE = 0.03                      # the difference (shape accuracy) the resolu
 def seeds_needed(sd: float, diff: float) -> str:
     """The fewest seeds k with which a paired t-test at 95% calls a difference `diff` whose seed-by-seed
     differences spread by `sd`: T975[k - 1] x sd / sqrt(k) <= diff; "> 31" past the table (or no spread known)."""
-    k = next((k for k in range(2, 32) if T975[k - 1] * sd / k ** 0.5 <= diff), None) if sd == sd else None
+    k = None if np.isnan(sd) else next((k for k in range(2, 32) if T975[k - 1] * sd / k ** 0.5 <= diff), None)
     return str(k) if k is not None else "> 31"
 
 
