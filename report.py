@@ -16,9 +16,12 @@ It sits on top of every other file (config.py lists the layers) and holds no met
 
 import argparse
 import dataclasses
+import functools
 import json
+import multiprocessing
 import os
 import time
+from concurrent import futures
 
 import numpy as np
 import torch
@@ -284,7 +287,8 @@ ABLATIONS = [
 ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run; the default run's stage: 600 x 64
 RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
 ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): half DDIM-50's time
-ABLATION_ALL = 8                    # prompts over all 90 combinations per held-out prompt: 1024 at --n 128
+ABLATION_ALL = 4                    # prompts over all 90 combinations per held-out prompt: 512 at --n 128 (its
+                                    # reading's noise, 0.5 points at 1024, is a small part of the seed spread)
 ABLATION_NOISE = (1_000_000, 2_000_000)  # evaluate_t2i seeds: the design's seed-0 model re-read from other noise
 ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
 ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
@@ -314,6 +318,7 @@ def unet_latency_ms(cfg: md.UNetConfig, latent: int, text_len: int, repeats: int
     return float(np.median(times[ABLATION_WARMUP:]))
 
 
+@functools.lru_cache(maxsize=2)              # once per process: the report's, and each --workers process's
 def ablation_eval_sets(resolution: int, n: int) -> dict:
     """The ablations' evaluation: n held-out prompts (9 unseen combinations) and ABLATION_ALL x n prompts over all
     90 combinations (new images of the 81 seen ones too), with their real images for the Frechet distance. Every
@@ -327,14 +332,46 @@ def ablation_eval_sets(resolution: int, n: int) -> dict:
     return sets
 
 
-def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = False, rows: list | None = None) -> str:
+def ablation_run(out_dir: str, i: int, seed: int, flags: list, ft_steps: int, ddim: int, n: int) -> dict:
+    """One run of the ablations: row i of ABLATIONS trained with training seed `seed` into out_dir/row<i>_seed<s>
+    (the finetuned row: the design's run of that seed + ft_steps relu steps) and read on ablation_eval_sets.
+    Keeps the inference weights (.safetensors); only the design's runs keep their training checkpoint."""
+    fields = ABLATIONS[i][1]
+    t0, d = time.time(), os.path.join(out_dir, f"row{i}_seed{seed}")
+    if fields == "finetune":                                            # the design's model of this seed, + relu
+        base = os.path.join(out_dir, f"row0_seed{seed}", "diffusion.pt")
+        train.main(["--stage", "relu", "--init_from", base, "--out_dir", d, "--seed", str(seed), *flags,
+                    "--steps", str(ft_steps)])
+        ckpt = os.path.join(d, "relu.pt")
+    else:
+        cfg = ablation_config("tiny", fields)
+        own = [x for k, v in dataclasses.asdict(cfg).items() if v != getattr(md.PRESETS["tiny"], k)
+               for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+        train.main(["--stage", "diffusion", "--out_dir", d, "--seed", str(seed), *flags, *own])
+        ckpt = os.path.join(d, "diffusion.pt")
+    pipe = sample.Pipeline.from_checkpoint(ckpt)
+    sets = ablation_eval_sets(train.TrainConfig().resolution, n)
+    res = {split: ablation_read(pipe, prompts_real, ddim) for split, prompts_real in sets.items()}
+    if i != 0:                                                          # its .safetensors stays; 4x smaller
+        os.remove(ckpt)
+    return {**res, "minutes": (time.time() - t0) / 60, "threads": torch.get_num_threads()}
+
+
+def worker_threads(workers: int) -> None:
+    """A --workers process's torch threads: the machine's cores shared out (the toy UNet's ops are too small for
+    one run to use many threads well, so runs side by side get more done than one run on every core)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = False, rows: list | None = None,
+              workers: int = 1) -> str:
     """Trains every ABLATIONS row at the same toy budget for `seeds` seeds (a fresh diffusion stage each, on the
     default run's VAE) and measures it: params and GMACs (md at 512px and the toy), CPU ms of one forward, and
     DDIM-25 + CFG 3 quality (the checker and the pixel Frechet distance) as mean and spread over the seeds.
     rows: indices into ABLATIONS (default all; row 0, the design, always runs: every verdict compares with it and
-    the finetuned row starts from it). Results go to out_dir/ablations.json after every run, so a stopped report
-    continues where it was; each run keeps its inference weights (row<i>_seed<s>/diffusion.safetensors), and only
-    the design's runs keep their training checkpoint."""
+    the finetuned row starts from it). workers: runs side by side in that many processes (a finetuned run waits
+    for the design's run of its seed); this process alone writes out_dir/ablations.json, after every run, so a
+    stopped report continues where it was. The latencies are measured after the last run, on an idle machine."""
     vae = next((p for p in (os.path.join(run_dir, f) for f in ("decoder.pt", "vae.pt")) if os.path.isfile(p)), None)
     if vae is None:
         raise FileNotFoundError(f"--ablations: no VAE in {run_dir} (decoder.pt / vae.pt); train it first: "
@@ -347,37 +384,37 @@ def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = Fals
     setting = {**budget, "finetune": ft_steps, "ddim": ddim, "n": n, "all": ABLATION_ALL * n}
     if done.get("budget") != setting:                                # another budget: its runs do not compare
         done = {"budget": setting, "runs": {}}
-    sets = ablation_eval_sets(train.TrainConfig().resolution, n)
     flags = ["--vae_ckpt", vae, "--sample_every", "0", "--eval_images", "1", "--eval_steps", "1", "--overwrite", "true",
              *(x for k, v in budget.items() for x in (f"--{k}", str(v)))]
     rows = sorted({0, *(range(len(ABLATIONS)) if rows is None else rows)})   # the design: every verdict's reference
-    for seed in range(seeds):
-        for i in rows:
-            name, fields, _ = ABLATIONS[i]
-            key = f"{name} / seed {seed}"
-            if key in done["runs"]:
-                continue
-            t0, d = time.time(), os.path.join(out_dir, f"row{i}_seed{seed}")
-            if fields == "finetune":                                    # the design's model of this seed, + relu
-                base = os.path.join(out_dir, f"row0_seed{seed}", "diffusion.pt")
-                train.main(["--stage", "relu", "--init_from", base, "--out_dir", d, "--seed", str(seed), *flags,
-                            "--steps", str(ft_steps)])
-                ckpt = os.path.join(d, "relu.pt")
-            else:
-                cfg = ablation_config("tiny", fields)
-                own = [x for k, v in dataclasses.asdict(cfg).items() if v != getattr(md.PRESETS["tiny"], k)
-                       for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
-                train.main(["--stage", "diffusion", "--out_dir", d, "--seed", str(seed), *flags, *own])
-                ckpt = os.path.join(d, "diffusion.pt")
-            pipe = sample.Pipeline.from_checkpoint(ckpt)
-            res = {split: ablation_read(pipe, prompts_real, ddim) for split, prompts_real in sets.items()}
-            res["minutes"] = (time.time() - t0) / 60
-            if i != 0:                                                  # its .safetensors stays; 4x smaller
-                os.remove(ckpt)
-            done["runs"][key] = res
-            config.write_json(store, done)
-            print(f"ablations: {key}: " + ", ".join(f"{s} shape {res[s]['shape']:.3f} fd {res[s]['fd']:.2f}"
-                                                    for s in sets) + f" ({res['minutes']:.1f} min)")
+    def key(i, seed):
+        return f"{ABLATIONS[i][0]} / seed {seed}"
+    todo = [(i, seed) for seed in range(seeds) for i in rows if key(i, seed) not in done["runs"]]   # seed by seed
+    pool = (futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), worker_threads, (workers,))
+            if workers > 1 and todo else None)
+    running = {}                                                         # future -> (row, seed)
+    try:
+        while todo or running:
+            ready = [t for t in todo if ABLATIONS[t[0]][1] != "finetune" or key(0, t[1]) in done["runs"]]
+            for i, seed in ready[:workers - len(running)]:              # at most `workers` runs at a time, in order
+                todo.remove((i, seed))
+                args = (out_dir, i, seed, flags, ft_steps, ddim, n)
+                if pool is None:                                        # one worker: this process, run at once
+                    f = futures.Future()
+                    f.set_result(ablation_run(*args))
+                else:
+                    f = pool.submit(ablation_run, *args)
+                running[f] = (i, seed)
+            for f in futures.wait(running, return_when=futures.FIRST_COMPLETED).done:
+                k, res = key(*running.pop(f)), f.result()
+                done["runs"][k] = res
+                config.write_json(store, done)
+                print(f"ablations: {k}: " + ", ".join(f"{s} shape {res[s]['shape']:.3f} fd {res[s]['fd']:.2f}"
+                                                      for s in ("heldout", "all")) + f" ({res['minutes']:.1f} min)")
+    finally:
+        if pool is not None:                                            # after a failed run: the runs in flight end
+            pool.shutdown(cancel_futures=True)
+    sets = ablation_eval_sets(train.TrainConfig().resolution, n)
     if "eval_noise" not in done:
         done["eval_noise"] = eval_noise(os.path.join(out_dir, "row0_seed0", "diffusion.pt"), done["runs"],
                                         sets["all"], ddim)
@@ -520,6 +557,8 @@ def main(argv=None):
     job.add_argument("--ablations", action="store_true", help="3.2/3.3: every architecture choice vs the design, "
                                                               "trained at one toy budget over --seeds seeds")
     p.add_argument("--seeds", type=int, default=3, help="--ablations: training seeds per row")
+    p.add_argument("--workers", type=int, default=1, help="--ablations: runs side by side, each in its own process "
+                                                         "with cores / workers torch threads")
     p.add_argument("--data", default="shapes", choices=sorted(data.GEOMETRY),
                    help="--table5 / --plugins: the synthetic data the run was trained on (train.py --data)")
     p.add_argument("--quick", action="store_true", help="--ablations: 2 steps a run (the tests' plumbing check)")
@@ -536,7 +575,7 @@ def main(argv=None):
     p.add_argument("--out_dir", default=None, help="--table5 / --plugins / --ablations: default run_dir/table5, "
                                                   "run_dir/plugins, run_dir/ablations")
     args = p.parse_args(argv)
-    for flag in ("n", "steps", "seeds"):
+    for flag in ("n", "steps", "seeds", "workers"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: expected >= 1")
     if args.rows and not all(0 <= i < len(ABLATIONS) for i in args.rows):
@@ -548,7 +587,7 @@ def main(argv=None):
         where = os.path.join(args.report_dir, "report.md")
     elif args.ablations:
         out = args.out_dir or os.path.join(run, "ablations")
-        text = ablations(run, out, args.seeds, args.n, args.quick, args.rows)
+        text = ablations(run, out, args.seeds, args.n, args.quick, args.rows, args.workers)
         where = os.path.join(out, "ablations.md")
     elif args.table5:
         base = train.default_base(run, "ufogen")

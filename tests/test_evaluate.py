@@ -243,6 +243,21 @@ def test_evaluation_seed_picks_the_initial_noise(tiny_base):
 
 
 @pytest.mark.slow
+def test_ablations_workers_run_side_by_side(tiny_base, tmp_path):
+    """--workers 2: the runs go to 2 spawned processes with half the cores' threads each, the finetuned row's
+    runs start from the design's run of their seed, and this process writes every result and the table."""
+    out = tmp_path / "abl"
+    text = report.main(["--ablations", "--quick", "--run_dir", str(tiny_base), "--out_dir", str(out), "--seeds", "2",
+                        "--n", "4", "--rows", "6", "--workers", "2"])
+    runs = json.load(open(out / "ablations.json"))["runs"]
+    assert sorted(runs) == sorted(f"{report.ABLATIONS[i][0]} / seed {s}" for i in (0, 6) for s in (0, 1))
+    assert {r["threads"] for r in runs.values()} == {max(1, os.cpu_count() // 2)}
+    for s in (0, 1):
+        assert S.saved_config(str(out / f"row6_seed{s}" / "relu.safetensors"))["unet"]["attn_act"] == "relu"
+    assert "reference" in text and (out / "ablations.md").read_text().strip() == text.strip()
+
+
+@pytest.mark.slow
 def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkeypatch):
     """report.py --ablations --quick on rows 0 (the design), 2 (separate K/V) and 6 (relu finetuned from row 0's
     runs), 2 seeds: each run trains the UNet its row names, the table has mean ± spread per row and says the rest
