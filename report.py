@@ -9,7 +9,8 @@ left in out/tiny, each row marked measured or quoted:
   python report.py --plugins          5.4: every plugin x {base DDIM-50, the one-step models} ->
                                       out/tiny/plugins/plugins.md / .json / .png (~3 min)
   python report.py --ablations        3.2 / 3.3: every architecture choice against the MD design, each trained at one
-                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (~75 min)
+                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (~45 min;
+                                      14 min a seed measured with --workers 2)
 
 It sits on top of every other file (config.py lists the layers) and holds no method of the paper itself.
 """
@@ -288,7 +289,7 @@ ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run;
 RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
 ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): half DDIM-50's time
 ABLATION_ALL = 4                    # prompts over all 90 combinations per held-out prompt: 512 at --n 128 (its
-                                    # reading's noise, 0.5 points at 1024, is a small part of the seed spread)
+                                    # reading's noise, 1.7 points at 512 (0.5 at 1024), is under the seed spread of ~4)
 ABLATION_NOISE = (1_000_000, 2_000_000)  # evaluate_t2i seeds: the design's seed-0 model re-read from other noise
 ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
 ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
@@ -358,8 +359,9 @@ def ablation_run(out_dir: str, i: int, seed: int, flags: list, ft_steps: int, dd
 
 
 def worker_threads(workers: int) -> None:
-    """A --workers process's torch threads: the machine's cores shared out (the toy UNet's ops are too small for
-    one run to use many threads well, so runs side by side get more done than one run on every core)."""
+    """A --workers process's torch threads: the machine's cores shared out. The toy UNet's ops are too small for
+    one run to use many cores well; on 2 cores it is a wash (88 images/s of training per worker at 1 thread, 179
+    for one run at 2); it is meant for machines with more (not measured here)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
