@@ -9,8 +9,8 @@ left in out/tiny, each row marked measured or quoted:
   python report.py --plugins          5.4: every plugin x {base DDIM-50, the one-step models} ->
                                       out/tiny/plugins/plugins.md / .json / .png (~3 min)
   python report.py --ablations        3.2 / 3.3: every architecture choice against the MD design, each trained at one
-                                      toy budget for 3 seeds -> out/tiny/ablations/ablations.md (~45 min;
-                                      14 min a seed measured with --workers 2)
+                                      toy budget (600 steps; --steps) for 3 seeds -> out/tiny/ablations/
+                                      ablations.md (~40 min: 12 min a seed measured with --workers 2)
 
 It sits on top of every other file (config.py lists the layers) and holds no method of the paper itself.
 """
@@ -285,11 +285,16 @@ ABLATIONS = [
       "md": {"channels": (320, 640, 512), "down_depth": (0, 1, 6), "up_depth": (0, 1, 6)}},
      "3.2: stacking more transformer blocks with a large reduction of channel dimension proves detrimental"),
 ]
-ABLATION_BUDGET = dict(steps=300, batch_size=32, train_images=4096)   # per run; the default run's stage: 600 x 64
+# Per run (--steps overrides steps); the default run's stage is 600 x 64. 600 steps, not 300: at 300 a run's
+# all-90 shape is 0.65 and seeds differ by 4.3 points (which combinations it has learned yet), too much for a paired
+# test to call 3 points in 10 seeds; at 600 it is 0.91, paired differences spread by 2.6 and 6 seeds call 2.7
+# points (median over rows; docs/results.md).
+ABLATION_BUDGET = dict(steps=600, batch_size=32, train_images=4096)
 RELU_FINETUNE_STEPS = 100                                          # the finetuned row, on top of the design's run
 ABLATION_DDIM = 25                  # DDIM steps of the evaluation (+ CFG 3): half DDIM-50's time
 ABLATION_ALL = 4                    # prompts over all 90 combinations per held-out prompt: 512 at --n 128 (its
-                                    # reading's noise, 1.7 points at 512 (0.5 at 1024), is under the seed spread of ~4)
+                                    # reading's noise, re-read from other initial noise: 1.0 point at 600
+                                    # steps; at 300 steps 1.7, and 0.5 at 1024 prompts)
 ABLATION_NOISE = (1_000_000, 2_000_000)  # evaluate_t2i seeds: the design's seed-0 model re-read from other noise
 ABLATION_QUICK = dict(steps=2, batch_size=4, train_images=8)       # --quick: the tests' plumbing check
 ABLATION_WARMUP = 3                 # untimed UNet forwards before the latency is measured (allocator, caches)
@@ -366,26 +371,31 @@ def worker_threads(workers: int) -> None:
 
 
 def ablations(run_dir: str, out_dir: str, seeds: int, n: int, quick: bool = False, rows: list | None = None,
-              workers: int = 1) -> str:
+              workers: int = 1, steps: int | None = None) -> str:
     """Trains every ABLATIONS row at the same toy budget for `seeds` seeds (a fresh diffusion stage each, on the
     default run's VAE) and measures it: params and GMACs (md at 512px and the toy), CPU ms of one forward, and
     DDIM-25 + CFG 3 quality (the checker and the pixel Frechet distance) as mean and spread over the seeds.
     rows: indices into ABLATIONS (default all; row 0, the design, always runs: every verdict compares with it and
-    the finetuned row starts from it). workers: runs side by side in that many processes (a finetuned run waits
-    for the design's run of its seed); this process alone writes out_dir/ablations.json, after every run, so a
-    stopped report continues where it was. The latencies are measured after the last run, on an idle machine."""
+    the finetuned row starts from it). steps: diffusion steps a run (default ABLATION_BUDGET's; an out_dir holding
+    another budget's runs is refused, not overwritten: they do not compare). workers: runs side by side in that
+    many processes (a finetuned run waits for the design's run of its seed); this process alone writes
+    out_dir/ablations.json, after every run, so a stopped report continues where it was. The latencies are
+    measured after the last run, on an idle machine."""
     vae = next((p for p in (os.path.join(run_dir, f) for f in ("decoder.pt", "vae.pt")) if os.path.isfile(p)), None)
     if vae is None:
         raise FileNotFoundError(f"--ablations: no VAE in {run_dir} (decoder.pt / vae.pt); train it first: "
                                 f"python train.py --stage vae; python train.py --stage decoder")
     os.makedirs(out_dir, exist_ok=True)
-    budget, t_start = ABLATION_QUICK if quick else ABLATION_BUDGET, time.time()
+    budget = ABLATION_QUICK if quick else {**ABLATION_BUDGET, "steps": steps or ABLATION_BUDGET["steps"]}
+    t_start = time.time()
     ft_steps, ddim = (2, 2) if quick else (RELU_FINETUNE_STEPS, ABLATION_DDIM)
     store = os.path.join(out_dir, "ablations.json")
     done = json.load(open(store)) if os.path.isfile(store) else {}
     setting = {**budget, "finetune": ft_steps, "ddim": ddim, "n": n, "all": ABLATION_ALL * n}
-    if done.get("budget") != setting:                                # another budget: its runs do not compare
-        done = {"budget": setting, "runs": {}}
+    if done and done.get("budget") != setting:          # another budget's runs do not compare; keep them
+        raise ValueError(f"{store}: its runs were trained and read at {done.get('budget')}, this call's setting is "
+                         f"{setting}; give another --out_dir (or remove {out_dir} to start afresh)")
+    done = done or {"budget": setting, "runs": {}}
     flags = ["--vae_ckpt", vae, "--sample_every", "0", "--eval_images", "1", "--eval_steps", "1", "--overwrite", "true",
              *(x for k, v in budget.items() for x in (f"--{k}", str(v)))]
     rows = sorted({0, *(range(len(ABLATIONS)) if rows is None else rows)})   # the design: every verdict's reference
@@ -569,7 +579,8 @@ def main(argv=None):
     p.add_argument("--run_dir", default="out/tiny", help="where the tiny run wrote its checkpoints")
     p.add_argument("--report_dir", default="out/report", help="--paper_tables: where report.md goes")
     p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
-    p.add_argument("--steps", type=int, default=300, help="--table5: UFOGen steps per variant")
+    p.add_argument("--steps", type=int, default=None, help="--table5: UFOGen steps per variant (300); --ablations: "
+                                                            "diffusion steps a run (report.ABLATION_BUDGET's)")
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
     p.add_argument("--onestep", action="append", default=None, metavar="NAME=CKPT",
                    help="--plugins: one-step models to compare (repeat); default: those present of run_dir/ufogen.pt, "
@@ -578,7 +589,7 @@ def main(argv=None):
                                                   "run_dir/plugins, run_dir/ablations")
     args = p.parse_args(argv)
     for flag in ("n", "steps", "seeds", "workers"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: expected >= 1")
     if args.rows and not all(0 <= i < len(ABLATIONS) for i in args.rows):
         p.error(f"--rows {','.join(map(str, args.rows))}: expected indices 0..{len(ABLATIONS) - 1} of report.ABLATIONS")
@@ -589,13 +600,15 @@ def main(argv=None):
         where = os.path.join(args.report_dir, "report.md")
     elif args.ablations:
         out = args.out_dir or os.path.join(run, "ablations")
-        text = ablations(run, out, args.seeds, args.n, args.quick, args.rows, args.workers)
+        if args.quick and args.steps:
+            p.error("--ablations: --quick sets its own 2 steps; give --quick or --steps, not both")
+        text = ablations(run, out, args.seeds, args.n, args.quick, args.rows, args.workers, args.steps)
         where = os.path.join(out, "ablations.md")
     elif args.table5:
         base = train.default_base(run, "ufogen")
         if not os.path.isfile(base):
             raise FileNotFoundError(f"{base}: no such file (train it first: python train.py)")
-        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps, args.n, args.data)
+        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps or 300, args.n, args.data)
         where = os.path.join(args.out_dir or os.path.join(run, "table5"), "table5.md")
     else:
         if args.onestep:

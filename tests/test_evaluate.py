@@ -257,6 +257,20 @@ def test_ablations_workers_run_side_by_side(tiny_base, tmp_path):
     assert "reference" in text and (out / "ablations.md").read_text().strip() == text.strip()
 
 
+def test_ablations_steps_flag_sets_every_runs_budget(tiny_base, tmp_path, monkeypatch):
+    """--ablations --steps 7: the first run (the design, seed 0) trains 7 steps at the budget's batch."""
+    seen = []
+    def stop(argv):
+        seen.append(argv)
+        raise KeyboardInterrupt                                  # enough: the flags of the first run
+    monkeypatch.setattr(report.train, "main", stop)
+    with pytest.raises(KeyboardInterrupt):
+        report.main(["--ablations", "--steps", "7", "--run_dir", str(tiny_base), "--out_dir", str(tmp_path)])
+    argv = seen[0]
+    assert argv[argv.index("--steps") + 1] == "7" and argv[argv.index("--seed") + 1] == "0"
+    assert argv[argv.index("--batch_size") + 1] == str(report.ABLATION_BUDGET["batch_size"])
+
+
 @pytest.mark.slow
 def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkeypatch):
     """report.py --ablations --quick on rows 0 (the design), 2 (separate K/V) and 6 (relu finetuned from row 0's
@@ -291,3 +305,9 @@ def test_ablations_quick_trains_each_row_and_resumes(tiny_base, tmp_path, monkey
     def quality(t):                                                # every cell but the two timings (cols 3, 6)
         return [c[:3] + c[4:6] + c[7:] for c in (ln.split(" | ") for ln in t.splitlines() if ln.startswith("| "))]
     assert quality(report.main(argv)) == quality(text)
+    kept = (out / "ablations.json").read_bytes()                 # another setting: refused, the runs kept
+    with pytest.raises(ValueError, match=r"ablations.json: its runs were trained and read at .*'n': 4.*'n': 2"):
+        report.main([*argv[:-4], "--n", "2", "--rows", "2,6"])
+    assert (out / "ablations.json").read_bytes() == kept
+    with pytest.raises(SystemExit):                              # --quick is its own budget
+        report.main([*argv, "--steps", "5"])
