@@ -129,6 +129,9 @@ def last_logged(metrics: str, stage: str, keys: tuple, last: int = 2) -> dict:
             for k in keys}
 
 
+TABLE5_STEPS = 300                  # --table5's UFOGen steps per variant unless --steps gives them
+
+
 def table5(base_ckpt: str, out_dir: str, steps: int, eval_images: int, data_name: str = "shapes") -> str:
     """Runs the 3 reconstruction losses x {full, LoRA}, and Eq. 1's reconstruction term without the adversarial
     one, on the tiny setup; prints Table 5's shape: for 1-step samples on held-out prompts, attribute accuracy,
@@ -579,8 +582,9 @@ def main(argv=None):
     p.add_argument("--run_dir", default="out/tiny", help="where the tiny run wrote its checkpoints")
     p.add_argument("--report_dir", default="out/report", help="--paper_tables: where report.md goes")
     p.add_argument("--no_litert", action="store_true", help="--paper_tables: Table 4 with PyTorch eager only")
-    p.add_argument("--steps", type=int, default=None, help="--table5: UFOGen steps per variant (300); --ablations: "
-                                                            "diffusion steps a run (report.ABLATION_BUDGET's)")
+    p.add_argument("--steps", type=int, default=None, help="--table5: UFOGen steps per variant (report.TABLE5_STEPS); "
+                                                            "--ablations: diffusion steps a run "
+                                                            "(report.ABLATION_BUDGET's)")
     p.add_argument("--n", type=int, default=128, help="held-out prompts per measurement")
     p.add_argument("--onestep", action="append", default=None, metavar="NAME=CKPT",
                    help="--plugins: one-step models to compare (repeat); default: those present of run_dir/ufogen.pt, "
@@ -608,7 +612,8 @@ def main(argv=None):
         base = train.default_base(run, "ufogen")
         if not os.path.isfile(base):
             raise FileNotFoundError(f"{base}: no such file (train it first: python train.py)")
-        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps or 300, args.n, args.data)
+        text = table5(base, args.out_dir or os.path.join(run, "table5"), args.steps or TABLE5_STEPS, args.n,
+                      args.data)
         where = os.path.join(args.out_dir or os.path.join(run, "table5"), "table5.md")
     else:
         if args.onestep:
